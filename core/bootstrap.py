@@ -1,0 +1,63 @@
+"""Wiring: the one place that turns settings into an engine, a keyring and a provider chain.
+
+The broker side (the Enqueuer) is passed in by the entry point, so core never imports Huey.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+
+from core.config import Settings
+from core.crypto import Keyring, load_keyring
+from core.db import SessionFactory, make_engine, make_session_factory
+from core.dispatch import Enqueuer
+
+if TYPE_CHECKING:
+    from core.providers.chain import ProviderChain
+
+
+@dataclass
+class App:
+    """Everything a use case needs, built once per process."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    enqueuer: Enqueuer
+    redis_client: Any = None
+    _keyring: Keyring | None = field(default=None, repr=False)
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring is None:
+            self._keyring = load_keyring(self.settings.encryption_keys, self.settings.keys_path)
+        return self._keyring
+
+    @cached_property
+    def chain(self) -> ProviderChain:
+        from core.providers import build_chain
+
+        return build_chain(self.settings, self.session_factory, redis_client=self.redis_client)
+
+
+def build_app(
+    settings: Settings,
+    enqueuer: Enqueuer,
+    *,
+    engine: Engine | None = None,
+    keyring: Keyring | None = None,
+    redis_client: Any = None,
+) -> App:
+    engine = engine or make_engine(settings)
+    return App(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        enqueuer=enqueuer,
+        redis_client=redis_client,
+        _keyring=keyring,
+    )

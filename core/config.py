@@ -1,0 +1,478 @@
+"""Settings: one frozen object read from CAPSULE_* environment variables once.
+
+Every field has a default that runs the embedded mode (SQLite, SqliteHuey, file outbox) under
+`var/`. A malformed value raises ConfigError naming the variable, so a bad deploy fails at start
+rather than at 3 a.m. `SETTINGS_DOC` lists every variable; `.env.example` mirrors it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _int(variable: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"expected an integer, got {raw!r}") from None
+
+
+def _float(variable: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(variable, f"expected a number, got {raw!r}") from None
+
+
+def _bool(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(variable, f"expected true or false, got {raw!r}")
+
+
+def _str(variable: str, raw: str) -> str:
+    return raw
+
+
+def _optional(variable: str, raw: str) -> str | None:
+    return raw or None
+
+
+def _providers(variable: str, raw: str) -> tuple[str, ...]:
+    names = tuple(p.strip().lower() for p in raw.split(",") if p.strip())
+    unknown = [n for n in names if n not in KNOWN_PROVIDERS]
+    if not names or unknown:
+        raise ConfigError(
+            variable,
+            f"expected a comma-separated list of {', '.join(KNOWN_PROVIDERS)}, got {raw!r}",
+        )
+    return names
+
+
+KNOWN_PROVIDERS = ("resend", "postmark", "smtp", "outbox")
+
+# variable suffix -> (field name, parser, default, description)
+_SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
+    (
+        "VAR_DIR",
+        "var_dir",
+        _str,
+        "var",
+        "Directory for the embedded database, queue, outbox and keys.",
+    ),
+    (
+        "DATABASE_URL",
+        "database_url",
+        _str,
+        "",
+        "SQLAlchemy URL; empty = SQLite file var/capsule.db.",
+    ),
+    (
+        "REDIS_URL",
+        "redis_url",
+        _optional,
+        "",
+        "Redis URL for the task queue; empty = SqliteHuey in var/.",
+    ),
+    ("HUEY_NAME", "huey_name", _str, "capsule", "Huey queue name (Redis key prefix)."),
+    (
+        "ENCRYPTION_KEYS",
+        "encryption_keys",
+        _str,
+        "",
+        "Keyring 'id:base64key,...'; the last key encrypts. Empty = var/keys.",
+    ),
+    (
+        "DISPATCH_HORIZON_SECONDS",
+        "dispatch_horizon_seconds",
+        _int,
+        "3600",
+        "Only letters due within this get a queued task.",
+    ),
+    (
+        "LEASE_SECONDS",
+        "lease_seconds",
+        _int,
+        "300",
+        "How long a claimed delivery may stay processing.",
+    ),
+    (
+        "GRACE_SECONDS",
+        "grace_seconds",
+        _int,
+        "60",
+        "Due rows unclaimed this long are re-dispatched by the backstop.",
+    ),
+    (
+        "MAX_ATTEMPTS",
+        "max_attempts",
+        _int,
+        "5",
+        "Delivery runs before a transiently failing letter is marked failed.",
+    ),
+    (
+        "BACKOFF_BASE_SECONDS",
+        "backoff_base_seconds",
+        _float,
+        "30",
+        "First retry delay; doubles per attempt.",
+    ),
+    (
+        "BACKOFF_MAX_SECONDS",
+        "backoff_max_seconds",
+        _float,
+        "3600",
+        "Upper bound of one retry delay.",
+    ),
+    (
+        "RETRY_COOLOFF_SECONDS",
+        "retry_cooloff_seconds",
+        _int,
+        "86400",
+        "Age before the failed retrier requeues a transient failure.",
+    ),
+    (
+        "RETRY_MAX_TOTAL_ATTEMPTS",
+        "retry_max_total_attempts",
+        _int,
+        "15",
+        "Total runs after which the failed retrier gives up.",
+    ),
+    ("BACKSTOP_BATCH_SIZE", "backstop_batch_size", _int, "500", "Rows per backstop batch."),
+    (
+        "BACKSTOP_BUDGET_SECONDS",
+        "backstop_budget_seconds",
+        _float,
+        "40",
+        "Time budget of one backstop run.",
+    ),
+    (
+        "MAX_SCHEDULE_YEARS",
+        "max_schedule_years",
+        _int,
+        "50",
+        "How far ahead a letter may be scheduled.",
+    ),
+    (
+        "MAX_LETTER_BYTES",
+        "max_letter_bytes",
+        _int,
+        "262144",
+        "Largest subject + body accepted, in bytes (UTF-8).",
+    ),
+    (
+        "INITIAL_CREDITS",
+        "initial_credits",
+        _int,
+        "0",
+        "Credits granted to a user created by the CLI.",
+    ),
+    (
+        "PROVIDERS",
+        "providers",
+        _providers,
+        "outbox",
+        "Provider chain in failover order: resend, postmark, smtp, outbox.",
+    ),
+    (
+        "MAIL_FROM",
+        "mail_from",
+        _str,
+        "Capsule <letters@capsule.localhost>",
+        "From address of every email.",
+    ),
+    ("OUTBOX_DIR", "outbox_dir", _str, "", "Directory of the file outbox; empty = var/outbox."),
+    ("RESEND_API_KEY", "resend_api_key", _optional, "", "Resend API key; set to use Resend."),
+    ("RESEND_BASE_URL", "resend_base_url", _str, "https://api.resend.com", "Resend API base URL."),
+    (
+        "POSTMARK_SERVER_TOKEN",
+        "postmark_server_token",
+        _optional,
+        "",
+        "Postmark server token; set to use Postmark.",
+    ),
+    (
+        "POSTMARK_BASE_URL",
+        "postmark_base_url",
+        _str,
+        "https://api.postmarkapp.com",
+        "Postmark API base URL.",
+    ),
+    (
+        "POSTMARK_MESSAGE_STREAM",
+        "postmark_message_stream",
+        _str,
+        "outbound",
+        "Postmark message stream.",
+    ),
+    ("SMTP_HOST", "smtp_host", _str, "localhost", "SMTP server host."),
+    ("SMTP_PORT", "smtp_port", _int, "25", "SMTP server port."),
+    ("SMTP_USERNAME", "smtp_username", _optional, "", "SMTP user; empty = no AUTH."),
+    ("SMTP_PASSWORD", "smtp_password", _optional, "", "SMTP password."),
+    ("SMTP_STARTTLS", "smtp_starttls", _bool, "false", "Use STARTTLS."),
+    (
+        "PROVIDER_CONNECT_TIMEOUT",
+        "provider_connect_timeout",
+        _float,
+        "5",
+        "Seconds to connect to a provider.",
+    ),
+    (
+        "PROVIDER_READ_TIMEOUT",
+        "provider_read_timeout",
+        _float,
+        "20",
+        "Seconds to wait for a provider's answer.",
+    ),
+    (
+        "PROVIDER_RATE_PER_SECOND",
+        "provider_rate_per_second",
+        _float,
+        "50",
+        "Sends per second per provider, shared by all consumers.",
+    ),
+    (
+        "CIRCUIT_FAILURE_THRESHOLD",
+        "circuit_failure_threshold",
+        _int,
+        "5",
+        "Consecutive failures that open a provider's circuit.",
+    ),
+    (
+        "CIRCUIT_RESET_SECONDS",
+        "circuit_reset_seconds",
+        _float,
+        "60",
+        "How long an open circuit stays open.",
+    ),
+    ("DB_POOL_SIZE", "db_pool_size", _int, "5", "PostgreSQL pool size per process."),
+    ("DB_MAX_OVERFLOW", "db_max_overflow", _int, "5", "Extra connections beyond the pool."),
+    (
+        "DB_POOL_TIMEOUT",
+        "db_pool_timeout",
+        _float,
+        "10",
+        "Seconds to wait for a pooled connection.",
+    ),
+    (
+        "DB_POOL_RECYCLE",
+        "db_pool_recycle",
+        _int,
+        "1800",
+        "Seconds before a connection is replaced.",
+    ),
+    (
+        "DB_CONNECT_TIMEOUT",
+        "db_connect_timeout",
+        _int,
+        "5",
+        "Seconds to open a PostgreSQL connection.",
+    ),
+    (
+        "DB_STATEMENT_TIMEOUT_MS",
+        "db_statement_timeout_ms",
+        _int,
+        "30000",
+        "PostgreSQL statement timeout.",
+    ),
+    ("SQLITE_BUSY_TIMEOUT_MS", "sqlite_busy_timeout_ms", _int, "15000", "SQLite busy timeout."),
+    (
+        "ALERT_WEBHOOK_URL",
+        "alert_webhook_url",
+        _optional,
+        "",
+        "Slack-compatible webhook for alerts.",
+    ),
+    (
+        "ALERT_STUCK_THRESHOLD",
+        "alert_stuck_threshold",
+        _int,
+        "10",
+        "Stuck rows in one backstop run that raise an alert.",
+    ),
+    (
+        "ALERT_MIN_INTERVAL_SECONDS",
+        "alert_min_interval_seconds",
+        _int,
+        "900",
+        "At most one alert per kind in this window.",
+    ),
+    (
+        "HEARTBEAT_URL",
+        "heartbeat_url",
+        _optional,
+        "",
+        "URL pinged after each successful backstop run.",
+    ),
+    ("SENTRY_DSN", "sentry_dsn", _optional, "", "Sentry DSN; needs the sentry extra."),
+    (
+        "HEALTH_MAX_AGE_SECONDS",
+        "health_max_age_seconds",
+        _int,
+        "300",
+        "capsule health fails when the last backstop run is older.",
+    ),
+    (
+        "HEALTH_MAX_STUCK",
+        "health_max_stuck",
+        _int,
+        "50",
+        "capsule health fails with more stuck rows than this.",
+    ),
+    ("DEMO_MODE", "demo_mode", _bool, "false", "Console without login (embedded default only)."),
+]
+
+SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    f"CAPSULE_{suffix}": (default, doc) for suffix, _, _, default, doc in _SPEC
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration, validated. Build it with `Settings.from_env()`."""
+
+    var_dir: str = "var"
+    database_url: str = ""
+    redis_url: str | None = None
+    huey_name: str = "capsule"
+    encryption_keys: str = ""
+    dispatch_horizon_seconds: int = 3600
+    lease_seconds: int = 300
+    grace_seconds: int = 60
+    max_attempts: int = 5
+    backoff_base_seconds: float = 30
+    backoff_max_seconds: float = 3600
+    retry_cooloff_seconds: int = 86400
+    retry_max_total_attempts: int = 15
+    backstop_batch_size: int = 500
+    backstop_budget_seconds: float = 40
+    max_schedule_years: int = 50
+    max_letter_bytes: int = 262144
+    initial_credits: int = 0
+    providers: tuple[str, ...] = ("outbox",)
+    mail_from: str = "Capsule <letters@capsule.localhost>"
+    outbox_dir: str = ""
+    resend_api_key: str | None = None
+    resend_base_url: str = "https://api.resend.com"
+    postmark_server_token: str | None = None
+    postmark_base_url: str = "https://api.postmarkapp.com"
+    postmark_message_stream: str = "outbound"
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_starttls: bool = False
+    provider_connect_timeout: float = 5
+    provider_read_timeout: float = 20
+    provider_rate_per_second: float = 50
+    circuit_failure_threshold: int = 5
+    circuit_reset_seconds: float = 60
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_pool_timeout: float = 10
+    db_pool_recycle: int = 1800
+    db_connect_timeout: int = 5
+    db_statement_timeout_ms: int = 30000
+    sqlite_busy_timeout_ms: int = 15000
+    alert_webhook_url: str | None = None
+    alert_stuck_threshold: int = 10
+    alert_min_interval_seconds: int = 900
+    heartbeat_url: str | None = None
+    sentry_dsn: str | None = None
+    health_max_age_seconds: int = 300
+    health_max_stuck: int = 50
+    demo_mode: bool = False
+
+    def __repr__(self) -> str:
+        # Keys and tokens must never reach a log line through a repr.
+        return f"Settings(database={self.database_kind}, queue={'redis' if self.redis_url else 'sqlite'})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every CAPSULE_* variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for suffix, name, parse, default, _ in _SPEC:
+            variable = f"CAPSULE_{suffix}"
+            values[name] = parse(variable, env.get(variable, default))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = {
+            "DISPATCH_HORIZON_SECONDS": self.dispatch_horizon_seconds,
+            "LEASE_SECONDS": self.lease_seconds,
+            "MAX_ATTEMPTS": self.max_attempts,
+            "BACKOFF_BASE_SECONDS": self.backoff_base_seconds,
+            "BACKSTOP_BATCH_SIZE": self.backstop_batch_size,
+            "MAX_SCHEDULE_YEARS": self.max_schedule_years,
+            "MAX_LETTER_BYTES": self.max_letter_bytes,
+            "PROVIDER_RATE_PER_SECOND": self.provider_rate_per_second,
+            "DB_POOL_SIZE": self.db_pool_size,
+        }
+        for suffix, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"CAPSULE_{suffix}", f"must be positive, got {value}")
+        if self.grace_seconds < 0:
+            raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
+        url = self.resolved_database_url
+        if not (url.startswith("sqlite") or url.startswith("postgresql")):
+            raise ConfigError(
+                "CAPSULE_DATABASE_URL",
+                f"expected a sqlite:// or postgresql:// URL, got {url.split(':')[0]!r}",
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("CAPSULE_REDIS_URL", "expected a redis:// URL")
+        if "resend" in self.providers and not self.resend_api_key:
+            raise ConfigError(
+                "CAPSULE_RESEND_API_KEY", "required when resend is in CAPSULE_PROVIDERS"
+            )
+        if "postmark" in self.providers and not self.postmark_server_token:
+            raise ConfigError(
+                "CAPSULE_POSTMARK_SERVER_TOKEN", "required when postmark is in CAPSULE_PROVIDERS"
+            )
+        if self.demo_mode and not self.is_embedded:
+            raise ConfigError(
+                "CAPSULE_DEMO_MODE",
+                "demo mode is allowed only on the embedded default (SQLite, no Redis)",
+            )
+
+    @property
+    def var_path(self) -> Path:
+        return Path(self.var_dir)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_path / 'capsule.db'}"
+
+    @property
+    def database_kind(self) -> str:
+        return "postgresql" if self.resolved_database_url.startswith("postgresql") else "sqlite"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_kind == "sqlite" and not self.redis_url
+
+    @property
+    def outbox_path(self) -> Path:
+        return Path(self.outbox_dir) if self.outbox_dir else self.var_path / "outbox"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.var_path / "keys"
+
+    @property
+    def huey_sqlite_path(self) -> Path:
+        return self.var_path / "huey.db"

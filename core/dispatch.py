@@ -1,0 +1,74 @@
+"""The one seam between the domain and the task broker.
+
+Core never imports Huey. It asks an `Enqueuer` to put "deliver this id at that time" into the
+broker and gets back the task id, which it stores on the row as the current dispatch. The
+broker is lossy, so nothing here depends on the task surviving: a failed enqueue leaves the row
+for the dispatcher or the backstop (DESIGN.md invariant 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.db import SessionFactory, session_scope
+from core.errors import EnqueueError
+from core.models import Delivery, Status
+
+log = logging.getLogger(__name__)
+
+
+class Enqueuer(Protocol):
+    def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
+        """Put a deliver task in the broker; return its task id. Raises EnqueueError."""
+        ...
+
+    def revoke(self, task_id: str) -> None:
+        """Best effort: stop a queued task from running."""
+        ...
+
+
+def dispatch(
+    session_factory: SessionFactory,
+    enqueuer: Enqueuer,
+    delivery_id: uuid.UUID,
+    eta: datetime,
+    now: datetime,
+) -> str | None:
+    """Enqueue the delivery and record the dispatch; None when the broker failed.
+
+    The task id is stored only while the row is still scheduled: a dispatch that lost a race
+    with a cancel or a claim records nothing (its task will find nothing to claim).
+    """
+    try:
+        task_id = enqueuer.enqueue(delivery_id, eta)
+    except EnqueueError as exc:
+        log.warning("enqueue failed; the dispatcher will retry: %s", exc)
+        return None
+    try:
+        with session_scope(session_factory) as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id, Delivery.status == Status.SCHEDULED)
+                .values(task_id=task_id, dispatched_at=now)
+            )
+            session.commit()
+    except SQLAlchemyError as exc:
+        # The task is queued and will claim the row; only the bookkeeping is missing, and the
+        # dispatcher may queue a harmless twin that finds nothing to claim.
+        log.warning("could not record dispatch %s of %s: %s", task_id, delivery_id, exc)
+    return task_id
+
+
+def revoke_quietly(enqueuer: Enqueuer, task_id: str | None) -> None:
+    if not task_id:
+        return
+    try:
+        enqueuer.revoke(task_id)
+    except Exception as exc:  # the claim check makes a surviving task harmless
+        log.warning("could not revoke task %s: %s", task_id, exc)

@@ -1,0 +1,328 @@
+"""The tables. A delivery row is the truth the worker, the safety nets and the console read.
+
+Times are stored as UTC: `timestamptz` on PostgreSQL, naive UTC text on SQLite (so that text
+comparison is time comparison), and always handed back timezone-aware.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A datetime that must be timezone-aware going in and is UTC-aware coming out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite so autoincrement works there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Status(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    PROCESSING = "processing"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ErrorClass(enum.StrEnum):
+    TRANSIENT = "transient"
+    AMBIGUOUS = "ambiguous"
+    PERMANENT = "permanent"
+    POSSIBLY_SENT = "possibly_sent"
+    DECRYPTION = "decryption"
+    LEASE_EXPIRED = "lease_expired"
+
+
+TERMINAL = frozenset({Status.SENT, Status.CANCELED})
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime]
+
+
+class CreditEntry(Base):
+    """Append-only: a balance is a sum, never an edited number."""
+
+    __tablename__ = "credit_ledger"
+    __table_args__ = (Index(None, "user_id", "id"), Index(None, "delivery_id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    delivery_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deliveries.id"))
+    amount: Mapped[int]
+    reason: Mapped[str] = mapped_column(String(32))  # grant | reserve | refund
+    created_at: Mapped[datetime]
+
+
+class Letter(Base):
+    __tablename__ = "letters"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    key_id: Mapped[str] = mapped_column(String(64), index=True)
+    subject_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    body_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint(
+            "status in ('scheduled','processing','sent','failed','canceled')", name="status"
+        ),
+        # due and unclaimed: the dispatcher and the backstop
+        Index(
+            "ix_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'scheduled'"),
+            sqlite_where=text("status = 'scheduled'"),
+        ),
+        # processing rows whose lease ran out
+        Index(
+            "ix_deliveries_lease",
+            "lease_until",
+            postgresql_where=text("status = 'processing'"),
+            sqlite_where=text("status = 'processing'"),
+        ),
+        # failed by error class: triage and the failed retrier
+        Index(
+            "ix_deliveries_failed",
+            "error_class",
+            "failed_at",
+            postgresql_where=text("status = 'failed'"),
+            sqlite_where=text("status = 'failed'"),
+        ),
+        # sent in the last 24 h, lateness, throughput
+        Index(
+            "ix_deliveries_sent",
+            "sent_at",
+            postgresql_where=text("status = 'sent'"),
+            sqlite_where=text("status = 'sent'"),
+        ),
+        Index("ix_deliveries_status_updated", "status", "updated_at"),
+        Index("ix_deliveries_user", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    letter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("letters.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    recipient_email: Mapped[str] = mapped_column(String(320), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=Status.SCHEDULED)
+    deliver_at: Mapped[datetime]  # the user's intent; retries never touch it
+    next_attempt_at: Mapped[datetime]  # when the next try may run; starts at deliver_at
+    attempt_count: Mapped[int] = mapped_column(default=0)  # runs ever claimed
+    round_attempts: Mapped[int] = mapped_column(default=0)  # runs since scheduled or requeued
+    task_id: Mapped[str | None] = mapped_column(String(64))  # Huey id of the current dispatch
+    dispatched_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    error_class: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    pinned_provider: Mapped[str | None] = mapped_column(String(32))  # after an ambiguous outcome
+    provider: Mapped[str | None] = mapped_column(String(32))
+    provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    sent_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    canceled_at: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class DeliveryAttempt(Base):
+    """One row per provider call."""
+
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (Index(None, "delivery_id", "id"), Index(None, "started_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deliveries.id"))
+    run_number: Mapped[int]  # the delivery's attempt_count when this call was made
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(
+        String(32)
+    )  # accepted | transient | ambiguous | permanent | ...
+    status_code: Mapped[int | None]
+    provider_error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    duration_ms: Mapped[int]
+    started_at: Mapped[datetime]
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index(None, "delivery_id", "id"),
+        Index(None, "created_at"),
+        Index(None, "type", "created_at"),
+        Index(None, "actor", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(200))
+    delivery_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deliveries.id"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class Notification(Base):
+    """An email to a letter's owner about that letter. Once per (delivery, kind)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "kind"),
+        Index(
+            "ix_notifications_pending",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deliveries.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(32))  # delivery_failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | failed
+    idempotency_key: Mapped[str] = mapped_column(String(80), unique=True)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(default=0)
+    provider: Mapped[str | None] = mapped_column(String(32))
+    provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+
+class ReconcilerRun(Base):
+    """One row per run of a safety net: the console's reconciliation chart and `capsule health`."""
+
+    __tablename__ = "reconciler_runs"
+    __table_args__ = (UniqueConstraint("kind", "slot"), Index(None, "kind", "started_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # dispatcher | backstop | failed_retrier
+    runner: Mapped[str] = mapped_column(String(200))
+    slot: Mapped[datetime | None]  # the schedule slot it ran for; None for CLI runs
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    found: Mapped[int] = mapped_column(default=0)
+    requeued: Mapped[int] = mapped_column(default=0)
+    recovered: Mapped[int] = mapped_column(default=0)
+    errors: Mapped[int] = mapped_column(default=0)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    ok: Mapped[bool] = mapped_column(default=False)
+
+
+class ProviderState(Base):
+    """Circuit breaker state per provider, shared by every consumer through the database."""
+
+    __tablename__ = "provider_states"
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(default=0)
+    opened_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+
+
+class Alert(Base):
+    """Alerts raised; also the rate limit (one per kind per window)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index(None, "kind", "created_at"), Index(None, "created_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    delivered: Mapped[bool] = mapped_column(default=False)
+    suppressed: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime]
+
+
+class BulkOperation(Base):
+    """An ops bulk action, run in the background at a chosen rate."""
+
+    __tablename__ = "bulk_operations"
+    __table_args__ = (Index(None, "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    action: Mapped[str] = mapped_column(String(32))  # requeue
+    filter: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    expected_count: Mapped[int]
+    done_count: Mapped[int] = mapped_column(default=0)
+    skipped_count: Mapped[int] = mapped_column(default=0)
+    rate_per_second: Mapped[float]
+    state: Mapped[str] = mapped_column(
+        String(16), default="pending"
+    )  # pending|running|done|aborted|error
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]

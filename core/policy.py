@@ -1,0 +1,72 @@
+"""Pure time arithmetic: backoff, leases, the dispatch horizon, and reading a WHEN.
+
+Nothing here reads the clock; entry points pass `utcnow()` and tests pass whatever they like.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime, timedelta
+
+from core.errors import InvalidDeliveryTime
+
+
+def utcnow() -> datetime:
+    """The one place entry points read the clock."""
+    return datetime.now(UTC)
+
+
+def backoff_seconds(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Delay before run `attempt + 1`: exponential with full jitter, at least `retry_after`.
+
+    Full jitter (a uniform draw in [base·2^(n-1)/2, base·2^(n-1)]) spreads a burst of failures
+    so they do not all come back at the same instant.
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    draw = (rng or random).uniform(ceiling / 2, ceiling)
+    return max(draw, retry_after or 0.0)
+
+
+def lease_until(now: datetime, lease_seconds: float) -> datetime:
+    return now + timedelta(seconds=lease_seconds)
+
+
+def within_horizon(due: datetime, now: datetime, horizon_seconds: float) -> bool:
+    """True when a task for `due` may be put in the broker now."""
+    return due <= now + timedelta(seconds=horizon_seconds)
+
+
+def horizon_end(now: datetime, horizon_seconds: float) -> datetime:
+    return now + timedelta(seconds=horizon_seconds)
+
+
+_RELATIVE = re.compile(r"^\+(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """Read `+30s`, `+2h`, `+3d` relative to `now`, or an ISO 8601 time (UTC if no offset)."""
+    raw = text.strip()
+    match = _RELATIVE.match(raw)
+    if match:
+        amount, unit = match.groups()
+        return now + timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidDeliveryTime(
+            "deliver_at", f"cannot read {text!r}: use ISO 8601 or +N[smhdw], e.g. +30s, +3d"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

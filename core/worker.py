@@ -1,0 +1,94 @@
+"""One delivery run: claim, open the letter, send through the provider chain, record.
+
+    claim (compare-and-set + lease)  ─ nothing to claim → stop quietly
+    decrypt                          ─ unreadable → failed (error class "decryption")
+    send with the delivery's key     ─ the chain fails over only on "definitely not accepted"
+    record the outcome               ─ sent | retry later (backoff) | failed (+ owner notice)
+
+Database hiccups around the send are retried; if the outcome still cannot be written, the row
+keeps its lease and the backstop re-runs it later with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+from core import notifications
+from core.bootstrap import App
+from core.db import retry_db, session_scope
+from core.deliveries import Claim, Outcome, Recorded, claim, record_outcome
+from core.dispatch import dispatch
+from core.errors import CryptoError
+from core.models import ErrorClass, Letter, Status
+from core.policy import utcnow, within_horizon
+from core.providers.base import Email
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
+
+
+def _claim(
+    app: App, delivery_id: uuid.UUID, task_id: str, now: datetime
+) -> tuple[Claim, Letter] | None:
+    with session_scope(app.session_factory) as session:
+        claimed = claim(
+            session, delivery_id, task_id, now=now, lease_seconds=app.settings.lease_seconds
+        )
+        if claimed is None:
+            return None
+        letter = session.get(Letter, claimed.letter_id)
+        session.commit()
+    assert letter is not None
+    return claimed, letter
+
+
+def _send(app: App, claimed: Claim, letter: Letter, clock: Clock) -> Outcome:
+    try:
+        subject, body = app.keyring.open(
+            letter.key_id, letter.id, letter.subject_ciphertext, letter.body_ciphertext
+        )
+    except CryptoError as exc:
+        return Outcome(error_class=ErrorClass.DECRYPTION, error=str(exc))
+    email = Email(
+        to=claimed.recipient_email,
+        sender=app.settings.mail_from,
+        subject=subject,
+        text=body,
+        idempotency_key=claimed.idempotency_key,
+        tags={"delivery_id": str(claimed.delivery_id), "kind": "letter"},
+    )
+    return app.chain.send(email, pinned=claimed.pinned_provider, now=clock())
+
+
+def _record(app: App, claimed: Claim, outcome: Outcome, now: datetime) -> Recorded:
+    def write() -> Recorded:
+        with session_scope(app.session_factory) as session:
+            recorded = record_outcome(session, claimed, outcome, app.settings, now=now)
+            session.commit()
+            return recorded
+
+    return retry_db(write)
+
+
+def run_delivery(
+    app: App, delivery_id: uuid.UUID, task_id: str, *, clock: Clock = utcnow
+) -> str | None:
+    """Run one delivery; returns the row's new status, or None if there was nothing to claim."""
+    claimed_pair = retry_db(lambda: _claim(app, delivery_id, task_id, clock()))
+    if claimed_pair is None:
+        log.debug("delivery %s: nothing to claim for task %s", delivery_id, task_id)
+        return None
+    claimed, letter = claimed_pair
+    outcome = _send(app, claimed, letter, clock)
+    now = clock()
+    recorded = _record(app, claimed, outcome, now)
+    retry_at = recorded.next_attempt_at
+    horizon = app.settings.dispatch_horizon_seconds
+    if recorded.status == Status.SCHEDULED and retry_at and within_horizon(retry_at, now, horizon):
+        dispatch(app.session_factory, app.enqueuer, delivery_id, retry_at, now)
+    if recorded.notify:
+        notifications.send_pending(app, now=clock(), delivery_id=delivery_id)
+    return recorded.status

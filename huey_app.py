@@ -1,0 +1,48 @@
+"""The single Huey instance, built from settings: RedisHuey when a Redis URL is set, else
+SqliteHuey under var/ (the embedded default).
+
+`huey_consumer huey_app.huey` imports this module; importing it reads the environment but
+touches no file or socket (the SQLite queue's tables are made by `prepare_broker`).
+"""
+
+from __future__ import annotations
+
+from huey import Huey, RedisHuey, SqliteHuey
+from redis import ConnectionPool
+
+from core.config import Settings
+
+
+def make_huey(settings: Settings) -> Huey:
+    if settings.redis_url:
+        # Short connect timeout: scheduling must not hang when Redis is down (the row is
+        # already committed; the dispatcher will enqueue it later).
+        pool = ConnectionPool.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            health_check_interval=30,
+        )
+        return RedisHuey(settings.huey_name, connection_pool=pool, results=False, utc=True)
+    return SqliteHuey(
+        settings.huey_name,
+        filename=str(settings.huey_sqlite_path),
+        results=False,
+        utc=True,
+        create_tables=False,
+        timeout=15,
+    )
+
+
+def prepare_broker(queue: Huey) -> None:
+    """Create the embedded queue's file and tables; nothing to do for Redis."""
+    if isinstance(queue, SqliteHuey):
+        settings.var_path.mkdir(parents=True, exist_ok=True)
+        queue.storage.initialize_schema()
+
+
+settings = Settings.from_env()
+huey = make_huey(settings)
+
+import tasks.delivery  # noqa: E402  (registers the tasks with `huey`)
+import tasks.periodic  # noqa: E402,F401

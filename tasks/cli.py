@@ -1,0 +1,338 @@
+"""`capsule`: the operator's command line.
+
+Every failure the domain can name ends as one readable line on stderr and exit status 2;
+nothing is written when a command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from core import credits, demo
+from core.bootstrap import App
+from core.db import session_scope
+from core.deliveries import (
+    cancel_delivery,
+    create_user,
+    find_user,
+    requeue_delivery,
+    reschedule_delivery,
+    schedule_delivery,
+)
+from core.errors import CapsuleError, DeliveryNotFound
+from core.models import Delivery, DeliveryAttempt
+from core.policy import parse_when, utcnow
+
+EXIT_ERROR = 2
+
+
+def _app() -> App:
+    from tasks.runtime import get_app
+
+    return get_app()
+
+
+def _delivery_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise DeliveryNotFound(text) from None
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return str(getattr(args, "actor", None) or "cli")
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from core.migrate import upgrade
+
+    app = _app()
+    upgrade(app.engine)
+    print(f"database at head ({app.settings.database_kind})")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from core.crypto import Keyring, generate_key_entry
+
+    settings = _settings()
+    entry = generate_key_entry(args.id or f"k{utcnow():%Y%m%d%H%M%S}")
+    if args.print:
+        print(entry)
+        return 0
+    if settings.encryption_keys:
+        raise CapsuleError(
+            "CAPSULE_ENCRYPTION_KEYS is set: append the key printed by `capsule keys generate --print` there"
+        )
+    path = settings.keys_path
+    existing = path.read_text() if path.exists() else ""
+    if args.if_missing and existing.strip():
+        print(f"keyring {path} already exists")
+        return 0
+    Keyring.parse(existing + "\n" + entry, variable=str(path))  # rejects a duplicate id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(entry + "\n")
+    path.chmod(0o600)
+    print(f"added key {entry.split(':')[0]} to {path}; it now encrypts new letters")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from core.crypto import rotate_letters
+
+    app = _app()
+    count = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
+    print(f"re-encrypted {count} letters under key {app.keyring.active_id}")
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    app = _app()
+    with session_scope(app.session_factory) as session:
+        user = create_user(session, args.email, args.name or "", utcnow(), args.credits)
+        session.commit()
+        print(
+            json.dumps(
+                {"id": user.id, "email": user.email, "balance": credits.balance(session, user.id)}
+            )
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    app = _app()
+    with session_scope(app.session_factory) as session:
+        if demo.is_seeded(session) and not args.force:
+            print("demo data already present (use --force to add more)")
+            return 0
+        counts = demo.seed(session, app.keyring, utcnow(), count=args.count)
+        session.commit()
+    print("seeded demo: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    app = _app()
+    now = utcnow()
+    body = args.body if args.body is not None else sys.stdin.read()
+    with session_scope(app.session_factory) as session:
+        user_id = find_user(session, args.user).id
+    result = schedule_delivery(
+        app.session_factory,
+        app.enqueuer,
+        app.keyring,
+        app.settings,
+        user_id=user_id,
+        recipient=args.to,
+        subject=args.subject,
+        body=body,
+        deliver_at=parse_when(args.at, now),
+        now=now,
+        actor=_actor(args),
+    )
+    print(result.delivery_id)
+    return 0
+
+
+def delivery_status(app: App, delivery_id: uuid.UUID) -> dict[str, Any]:
+    """The delivery and its attempts as plain data, without the letter text."""
+    with session_scope(app.session_factory) as session:
+        row = session.get(Delivery, delivery_id)
+        if row is None:
+            raise DeliveryNotFound(delivery_id)
+        attempts = session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id == delivery_id)
+            .order_by(DeliveryAttempt.id)
+        ).all()
+        fields = [
+            "status",
+            "recipient_email",
+            "deliver_at",
+            "next_attempt_at",
+            "attempt_count",
+            "task_id",
+            "dispatched_at",
+            "lease_until",
+            "error_class",
+            "last_error",
+            "provider",
+            "provider_message_id",
+            "sent_at",
+            "failed_at",
+            "canceled_at",
+            "created_at",
+            "updated_at",
+        ]
+        data: dict[str, Any] = {"id": str(row.id), **{f: getattr(row, f) for f in fields}}
+        data["attempts"] = [
+            {
+                "run": a.run_number,
+                "provider": a.provider,
+                "outcome": a.outcome,
+                "status_code": a.status_code,
+                "error_code": a.provider_error_code,
+                "error": a.error_message,
+                "duration_ms": a.duration_ms,
+                "task_id": a.task_id,
+                "started_at": a.started_at,
+            }
+            for a in attempts
+        ]
+    return data
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = delivery_status(_app(), _delivery_id(args.id))
+    print(
+        json.dumps(
+            data, indent=2, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)
+        )
+    )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    app = _app()
+    cancel_delivery(
+        app.session_factory,
+        app.enqueuer,
+        _delivery_id(args.id),
+        now=utcnow(),
+        actor=_actor(args),
+        reason=args.reason,
+    )
+    print(f"canceled {args.id}")
+    return 0
+
+
+def cmd_reschedule(args: argparse.Namespace) -> int:
+    app = _app()
+    now = utcnow()
+    reschedule_delivery(
+        app.session_factory,
+        app.enqueuer,
+        app.settings,
+        _delivery_id(args.id),
+        parse_when(args.at, now),
+        now=now,
+        actor=_actor(args),
+        reason=args.reason,
+    )
+    print(f"rescheduled {args.id}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    app = _app()
+    requeue_delivery(
+        app.session_factory,
+        app.enqueuer,
+        _delivery_id(args.id),
+        now=utcnow(),
+        actor=_actor(args),
+        reason=args.reason,
+    )
+    print(f"requeued {args.id}")
+    return 0
+
+
+def _settings() -> Any:
+    from core.config import Settings
+
+    return Settings.from_env()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsule", description="Capsule delivery: letters to one's future self."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, parent: Any = sub
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="COMMAND"
+    )
+    add("upgrade", cmd_db_upgrade, "apply the migrations up to the newest", db)
+
+    keys = sub.add_parser("keys", help="letter encryption keys").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    p = add(
+        "generate",
+        cmd_keys_generate,
+        "add a new key (it encrypts from now on) to the embedded keyring",
+        keys,
+    )
+    p.add_argument("--id", help="key id (default: k<timestamp>)")
+    p.add_argument("--print", action="store_true", help="only print the new id:key entry")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when a keyring exists")
+    p = add(
+        "rotate", cmd_keys_rotate, "re-encrypt every letter under the newest key (resumable)", keys
+    )
+    p.add_argument("--batch-size", type=int, default=500)
+
+    user = sub.add_parser("user", help="accounts").add_subparsers(
+        dest="user_command", required=True, metavar="COMMAND"
+    )
+    p = add("add", cmd_user_add, "create an account (or grant credits to an existing one)", user)
+    p.add_argument("email")
+    p.add_argument("--name", default="")
+    p.add_argument("--credits", type=int, default=0)
+
+    p = add("demo", cmd_demo, "seed two weeks of realistic demo deliveries (once)")
+    p.add_argument("--count", type=int, default=3000)
+    p.add_argument("--force", action="store_true")
+
+    p = add("schedule", cmd_schedule, "schedule a letter; prints the delivery id")
+    p.add_argument("--user", required=True, help="account email of the letter's owner")
+    p.add_argument("--to", required=True, help="recipient address")
+    p.add_argument("--at", required=True, help="ISO 8601 time or +30s, +2h, +3d, +1w")
+    p.add_argument("--subject", required=True)
+    p.add_argument("--body", help="letter text (default: read stdin)")
+    p.add_argument("--actor")
+
+    p = add("status", cmd_status, "print a delivery and its attempts as JSON (never the letter)")
+    p.add_argument("id")
+
+    for name, fn, text in (
+        ("cancel", cmd_cancel, "cancel a scheduled or failed delivery (refunds its credit)"),
+        ("requeue", cmd_requeue, "send a failed delivery again now"),
+    ):
+        p = add(name, fn, text)
+        p.add_argument("id")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--actor")
+    p = add("reschedule", cmd_reschedule, "move a scheduled delivery to a new time")
+    p.add_argument("id")
+    p.add_argument("--at", required=True)
+    p.add_argument("--reason", default=None)
+    p.add_argument("--actor")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CapsuleError as exc:
+        print(f"capsule: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

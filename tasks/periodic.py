@@ -1,0 +1,1 @@
+"""Periodic safety nets (dispatcher, backstop, failed retrier)."""

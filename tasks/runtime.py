@@ -1,0 +1,52 @@
+"""The process-wide App for entry points that run next to the Huey instance."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from datetime import datetime
+
+from huey import Huey
+from huey.exceptions import HueyException
+from redis import Redis
+from redis.exceptions import RedisError
+
+from core.bootstrap import App, build_app
+from core.errors import EnqueueError
+
+
+class HueyEnqueuer:
+    """core.dispatch.Enqueuer over Huey: the only place the domain meets the broker."""
+
+    def __init__(self, queue: Huey) -> None:
+        self.queue = queue
+
+    def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
+        from tasks.delivery import deliver
+
+        task_id = uuid.uuid4().hex
+        try:
+            deliver.schedule(args=(str(delivery_id),), eta=eta, id=task_id)
+        except (RedisError, HueyException, OSError) as exc:
+            raise EnqueueError(delivery_id, str(exc)) from exc
+        except Exception as exc:  # sqlite3 errors from SqliteHuey, pickling errors
+            raise EnqueueError(delivery_id, f"{type(exc).__name__}: {exc}") from exc
+        return task_id
+
+    def revoke(self, task_id: str) -> None:
+        # revoke_once: the flag is dropped when the task is checked, so flags do not pile up.
+        self.queue.revoke_by_id(task_id, revoke_once=True)
+
+
+@functools.cache
+def get_app() -> App:
+    import huey_app
+
+    huey_app.prepare_broker(huey_app.huey)
+    settings = huey_app.settings
+    redis_client = (
+        Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        if settings.redis_url
+        else None
+    )
+    return build_app(settings, HueyEnqueuer(huey_app.huey), redis_client=redis_client)

@@ -1,0 +1,174 @@
+"""Shared fixtures: databases (SQLite and a fresh PostgreSQL database per run), Redis (own db
+number and key prefix), a keyring, a recording enqueuer, and the App wired from them.
+
+Locally a missing PostgreSQL or Redis skips the tests that need it; under CI (CI=true) it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from core.bootstrap import App, build_app
+from core.config import Settings
+from core.crypto import Keyring, generate_key_entry
+from core.db import make_engine
+from core.errors import EnqueueError
+from core.migrate import upgrade
+from core.models import Base
+
+pytest_plugins = ["tests.fakes.fixtures"]
+
+PG_ADMIN_URL = os.environ.get(
+    "CAPSULE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("CAPSULE_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("CAPSULE_TEST_REDIS_DB", "11"))
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+RUN_ID = uuid.uuid4().hex[:8]
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def service_missing(what: str, exc: BaseException) -> None:
+    message = f"{what} is not reachable: {exc}"
+    if IN_CI:
+        pytest.fail(message + " (CI requires it)", pytrace=False)
+    pytest.skip(message)
+
+
+class RecordingEnqueuer:
+    """An Enqueuer that remembers what it was asked; can be told to fail like a dead broker."""
+
+    def __init__(self) -> None:
+        self.enqueued: list[tuple[uuid.UUID, datetime, str]] = []
+        self.revoked: list[str] = []
+        self.fail = False
+
+    def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
+        if self.fail:
+            raise EnqueueError(delivery_id, "connection refused (test)")
+        task_id = uuid.uuid4().hex
+        self.enqueued.append((delivery_id, eta, task_id))
+        return task_id
+
+    def revoke(self, task_id: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down (test)")
+        self.revoked.append(task_id)
+
+    def ids_for(self, delivery_id: uuid.UUID) -> list[str]:
+        return [t for d, _, t in self.enqueued if d == delivery_id]
+
+
+# ---------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, migrated once, dropped at the end."""
+    name = f"capsule_test_{RUN_ID}"
+    try:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        service_missing("PostgreSQL", exc)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite file; each test gets a copy."""
+    path = tmp_path_factory.mktemp("template") / "capsule.db"
+    engine = create_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+def truncate_all(engine: Engine) -> None:
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if db_kind == "sqlite":
+        path = tmp_path / "capsule.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("pg_database")
+    engine = create_engine(url)
+    truncate_all(engine)
+    engine.dispose()
+    return url
+
+
+# ---------------------------------------------------------------- app
+
+
+@pytest.fixture(scope="session")
+def keyring() -> Keyring:
+    return Keyring.parse(generate_key_entry("test1"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(var_dir=str(tmp_path), database_url=database_url)
+
+
+@pytest.fixture
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()
+
+
+@pytest.fixture
+def app(settings: Settings, enqueuer: RecordingEnqueuer, keyring: Keyring) -> Iterator[App]:
+    engine = make_engine(settings)
+    yield build_app(settings, enqueuer, engine=engine, keyring=keyring)
+    engine.dispose()
+
+
+# ---------------------------------------------------------------- redis
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix owned by this test in the test Redis db; only its keys are deleted."""
+    import redis
+
+    prefix = f"capsule-test-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    try:
+        client.ping()
+    except Exception as exc:
+        service_missing("Redis", exc)
+    yield prefix
+    for key in client.scan_iter(match=f"*{prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return f"{REDIS_URL}/{REDIS_DB}"
