@@ -32,6 +32,21 @@ class Enqueuer(Protocol):
         """Best effort: stop a queued task from running."""
         ...
 
+    def ping(self) -> bool:
+        """True when the broker answers."""
+        ...
+
+    def has_marker(self) -> bool:
+        """True while the broker still holds the marker `set_marker` left in it.
+
+        A broker that lost its data (flushed, restarted without persistence, replaced) has
+        lost the marker too, and with it every queued task: the dispatcher then dispatches
+        again everything due within the horizon instead of waiting for the backstop.
+        """
+        ...
+
+    def set_marker(self) -> None: ...
+
 
 def dispatch(
     session_factory: SessionFactory,

@@ -83,7 +83,12 @@ def _compose(delivery: Delivery, user: User, sender: str, key: str) -> Email:
 
 
 def send_pending(
-    app: App, *, now: datetime, delivery_id: uuid.UUID | None = None, limit: int = 100
+    app: App,
+    *,
+    now: datetime,
+    delivery_id: uuid.UUID | None = None,
+    older_than: datetime | None = None,
+    limit: int = 100,
 ) -> int:
     """Send pending owner notifications (never the letter text); returns how many went out."""
     with session_scope(app.session_factory) as session:
@@ -97,6 +102,8 @@ def send_pending(
         )
         if delivery_id is not None:
             query = query.where(Notification.delivery_id == delivery_id)
+        if older_than is not None:
+            query = query.where(Notification.created_at <= older_than)
         pending = session.execute(query).all()
     sent = 0
     for note, delivery, user in pending:

@@ -245,6 +245,36 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import socket
+
+    from core.reconcile import BACKSTOP, DISPATCHER, deliver_inline, run_safety_net
+
+    app = _app()
+    runner = f"cli:{socket.gethostname()}"
+    now = utcnow()
+    if args.inline and not app.enqueuer.ping():
+        count = deliver_inline(app, now=now, clock=utcnow, runner=runner)
+        print(json.dumps({"broker": "unreachable", "delivered_inline": count}))
+        return 0
+    reports = [
+        run_safety_net(app, kind, now=now, runner=runner, slot=None, clock=utcnow)
+        for kind in (DISPATCHER, BACKSTOP)
+    ]
+    print(json.dumps([r.__dict__ for r in reports]))
+    return 1 if any(r.error_message for r in reports) else 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from core import health
+
+    app = _app()
+    with session_scope(app.session_factory) as session:
+        report = health.check(session, app.settings, utcnow())
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
 def _settings() -> Any:
     from core.config import Settings
 
@@ -317,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
         p.add_argument("--reason", required=True)
         p.add_argument("--actor")
+    p = add(
+        "reconcile", cmd_reconcile, "run the dispatcher and the backstop once (for a system cron)"
+    )
+    p.add_argument(
+        "--inline",
+        action="store_true",
+        help="if the broker is unreachable, deliver due letters in this process",
+    )
+    add("health", cmd_health, "print the safety nets' health as JSON; exit 1 when unhealthy")
+
     p = add("reschedule", cmd_reschedule, "move a scheduled delivery to a new time")
     p.add_argument("id")
     p.add_argument("--at", required=True)

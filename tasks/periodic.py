@@ -1,1 +1,36 @@
-"""Periodic safety nets (dispatcher, backstop, failed retrier)."""
+"""Periodic safety nets. Every consumer schedules them; the single-runner lock and the
+once-per-slot record in core.reconcile make each run happen once across all consumers."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from huey import crontab
+
+from core.policy import utcnow
+from core.reconcile import BACKSTOP, DISPATCHER, FAILED_RETRIER, run_safety_net, slot_for
+from huey_app import huey
+from tasks.runtime import get_app
+
+RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _run(kind: str) -> None:
+    now = utcnow()
+    run_safety_net(get_app(), kind, now=now, runner=RUNNER, slot=slot_for(kind, now), clock=utcnow)
+
+
+@huey.periodic_task(crontab(minute="*"), name="capsule.dispatcher")
+def dispatcher() -> None:
+    _run(DISPATCHER)
+
+
+@huey.periodic_task(crontab(minute="*"), name="capsule.backstop")
+def backstop() -> None:
+    _run(BACKSTOP)
+
+
+@huey.periodic_task(crontab(minute="17"), name="capsule.failed_retrier")
+def failed_retrier() -> None:
+    _run(FAILED_RETRIER)

@@ -6,13 +6,16 @@ import functools
 import uuid
 from datetime import datetime
 
-from huey import Huey
+from huey import Huey, RedisHuey
+from huey.constants import EmptyData
 from huey.exceptions import HueyException
 from redis import Redis
 from redis.exceptions import RedisError
 
 from core.bootstrap import App, build_app
 from core.errors import EnqueueError
+
+MARKER_KEY = "capsule:broker-marker"
 
 
 class HueyEnqueuer:
@@ -36,6 +39,21 @@ class HueyEnqueuer:
     def revoke(self, task_id: str) -> None:
         # revoke_once: the flag is dropped when the task is checked, so flags do not pile up.
         self.queue.revoke_by_id(task_id, revoke_once=True)
+
+    def ping(self) -> bool:
+        try:
+            if isinstance(self.queue, RedisHuey):
+                return bool(self.queue.storage.conn.ping())
+            self.queue.pending_count()
+            return True
+        except Exception:
+            return False
+
+    def has_marker(self) -> bool:
+        return self.queue.storage.peek_data(MARKER_KEY) is not EmptyData
+
+    def set_marker(self) -> None:
+        self.queue.storage.put_data(MARKER_KEY, b"1")
 
 
 @functools.cache

@@ -50,6 +50,7 @@ class RecordingEnqueuer:
         self.enqueued: list[tuple[uuid.UUID, datetime, str]] = []
         self.revoked: list[str] = []
         self.fail = False
+        self.marker = False
 
     def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
         if self.fail:
@@ -62,6 +63,15 @@ class RecordingEnqueuer:
         if self.fail:
             raise ConnectionError("broker down (test)")
         self.revoked.append(task_id)
+
+    def ping(self) -> bool:
+        return not self.fail
+
+    def has_marker(self) -> bool:
+        return self.marker
+
+    def set_marker(self) -> None:
+        self.marker = True
 
     def ids_for(self, delivery_id: uuid.UUID) -> list[str]:
         return [t for d, _, t in self.enqueued if d == delivery_id]

@@ -1,0 +1,69 @@
+"""Is the guarantee running? What `capsule health` and the console's health page report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.models import Delivery, ReconcilerRun, Status
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    last_backstop_at: datetime | None
+    last_backstop_age_seconds: float | None
+    stuck_unclaimed: int
+    stuck_processing: int
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["last_backstop_at"] = (
+            self.last_backstop_at.isoformat() if self.last_backstop_at else None
+        )
+        return data
+
+
+def count_stuck(session: Session, now: datetime, grace_seconds: float) -> tuple[int, int]:
+    """(due rows unclaimed past grace, processing rows past their lease)."""
+    cutoff = now - timedelta(seconds=grace_seconds)
+    unclaimed = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .where(Delivery.status == Status.SCHEDULED, Delivery.next_attempt_at <= cutoff)
+    )
+    expired = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .where(Delivery.status == Status.PROCESSING, Delivery.lease_until < now)
+    )
+    return int(unclaimed or 0), int(expired or 0)
+
+
+def check(session: Session, settings: Settings, now: datetime) -> Health:
+    last = session.scalar(
+        select(func.max(ReconcilerRun.finished_at)).where(
+            ReconcilerRun.kind == "backstop", ReconcilerRun.ok.is_(True)
+        )
+    )
+    age = (now - last).total_seconds() if last else None
+    # Stuck means "the backstop should have caught it by now": one full grace plus one run.
+    unclaimed, expired = count_stuck(session, now, settings.grace_seconds + 60)
+    problems = []
+    if age is None:
+        problems.append("no successful backstop run recorded")
+    elif age > settings.health_max_age_seconds:
+        problems.append(
+            f"last successful backstop run is {age:.0f} s old (limit {settings.health_max_age_seconds})"
+        )
+    if unclaimed + expired > settings.health_max_stuck:
+        problems.append(
+            f"{unclaimed + expired} stuck deliveries (limit {settings.health_max_stuck})"
+        )
+    return Health(not problems, last, age, unclaimed, expired, problems)
