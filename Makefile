@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-CONSUMER_FLAGS ?= -w 4 -k thread -C
+CONSUMER_FLAGS ?= -w 4 -k thread
 PORT ?= 8501
 
 .PHONY: run test setup lint typecheck unit bench chaos clean

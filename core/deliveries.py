@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ from core.errors import (
     ValidationError,
 )
 from core.models import Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
+from core.outcomes import Outcome
 from core.policy import backoff_seconds, lease_until, within_horizon
 
 _ADDRESS = re.compile(
@@ -395,37 +396,6 @@ def claim(
     if row is None:
         return None
     return Claim(delivery_id, task_id, *row)
-
-
-@dataclass(frozen=True)
-class ProviderCall:
-    """What one call to one provider did."""
-
-    provider: str
-    outcome: str  # accepted | transient | ambiguous | permanent | possibly_sent | skipped
-    started_at: datetime
-    duration_ms: int
-    status_code: int | None = None
-    error_code: str | None = None
-    message: str | None = None
-    provider_message_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a delivery run ended, as the provider chain saw it."""
-
-    error_class: str | None  # None = sent
-    calls: list[ProviderCall] = field(default_factory=list)
-    provider: str | None = None
-    provider_message_id: str | None = None
-    error: str | None = None
-    retry_after: float | None = None
-    pinned_provider: str | None = None
-
-    @property
-    def sent(self) -> bool:
-        return self.error_class is None
 
 
 RETRYABLE = {ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED}

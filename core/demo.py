@@ -165,6 +165,7 @@ def _one(
         updated_at=created,
     )
     session.add(delivery)
+    session.flush()
     session.add(
         CreditEntry(
             user_id=user.id,

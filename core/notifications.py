@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,9 +51,10 @@ def request(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["delivery_id", "kind"])
+        .returning(Notification.id)
     )
-    assert isinstance(result, CursorResult)
-    return result.rowcount == 1
+    # RETURNING, not rowcount: drivers disagree on rowcount for INSERT .. ON CONFLICT.
+    return result.first() is not None
 
 
 MAX_NOTIFICATION_ATTEMPTS = 5

@@ -19,10 +19,11 @@ from datetime import datetime
 from core import notifications
 from core.bootstrap import App
 from core.db import retry_db, session_scope
-from core.deliveries import Claim, Outcome, Recorded, claim, record_outcome
+from core.deliveries import Claim, Recorded, claim, record_outcome
 from core.dispatch import dispatch
 from core.errors import CryptoError
 from core.models import ErrorClass, Letter, Status
+from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
 from core.providers.base import Email
 

@@ -22,14 +22,23 @@ class HueyEnqueuer:
     """core.dispatch.Enqueuer over Huey: the only place the domain meets the broker."""
 
     def __init__(self, queue: Huey) -> None:
+        from tasks.delivery import deliver
+
         self.queue = queue
+        # A queue other than huey_app's (tests, tools) must know the task to serialize it;
+        # consumers resolve it by the same registered name.
+        registry = queue._registry
+        if registry.task_to_string(deliver.task_class) not in registry._registry:
+            registry.register(deliver.task_class)
 
     def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
         from tasks.delivery import deliver
 
         task_id = uuid.uuid4().hex
         try:
-            deliver.schedule(args=(str(delivery_id),), eta=eta, id=task_id)
+            # Built through the task wrapper (its registered name) but put into *this* queue,
+            # so an enqueuer can target any Huey instance (tests, tools) and not only huey_app's.
+            self.queue.enqueue(deliver.s(str(delivery_id), eta=eta, id=task_id))
         except (RedisError, HueyException, OSError) as exc:
             raise EnqueueError(delivery_id, str(exc)) from exc
         except Exception as exc:  # sqlite3 errors from SqliteHuey, pickling errors

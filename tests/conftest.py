@@ -34,6 +34,7 @@ REDIS_DB = int(os.environ.get("CAPSULE_TEST_REDIS_DB", "11"))
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 RUN_ID = uuid.uuid4().hex[:8]
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+KEY_ENTRY = generate_key_entry("test1")
 
 
 def service_missing(what: str, exc: BaseException) -> None:
@@ -139,7 +140,7 @@ def database_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -
 
 @pytest.fixture(scope="session")
 def keyring() -> Keyring:
-    return Keyring.parse(generate_key_entry("test1"))
+    return Keyring.parse(KEY_ENTRY)
 
 
 @pytest.fixture
@@ -167,7 +168,7 @@ def redis_prefix() -> Iterator[str]:
     """A key prefix owned by this test in the test Redis db; only its keys are deleted."""
     import redis
 
-    prefix = f"capsule-test-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    prefix = f"capsule_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"  # Huey keeps only [A-Za-z0-9_]
     client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
     try:
         client.ping()

@@ -12,7 +12,6 @@ from core import credits
 from core.bootstrap import App
 from core.db import session_scope
 from core.deliveries import (
-    Outcome,
     cancel_delivery,
     claim,
     create_user,
@@ -32,6 +31,7 @@ from core.errors import (
     ValidationError,
 )
 from core.models import AuditEvent, CreditEntry, Delivery, Letter, Notification, Status
+from core.outcomes import Outcome
 from tests.conftest import T0, RecordingEnqueuer
 
 SOON = T0 + timedelta(minutes=10)  # within the default one-hour horizon

@@ -1,0 +1,275 @@
+"""The provider chain: try providers in order, failing over only when a send was definitely
+not accepted (DESIGN.md invariant 7).
+
+    for each provider, in order:
+        circuit open            → "skipped", next provider
+        rate limit (after ≤ ~1 s of waiting in total) → "transient", next provider
+        Accepted                → sent
+        TransientProviderError  → count a circuit failure, next provider
+        AmbiguousProviderError  → count a circuit failure, stop; pin this provider
+        PermanentProviderError  → stop (PossiblySentError → "possibly_sent")
+    all transient → "transient", retry after the largest Retry-After seen
+
+A delivery pinned to a provider (after an ambiguous outcome) uses only that provider and asks
+it first whether the message already went out (`find_sent`). Every failure outcome of a pinned
+run stays pinned, so a later run can never send the letter somewhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from core.errors import AmbiguousProviderError, ProviderError, TransientProviderError
+from core.models import ErrorClass
+from core.outcomes import Outcome, ProviderCall
+from core.policy import utcnow
+from core.providers.base import Accepted, Email, Provider
+from core.providers.circuit import CircuitBreaker
+from core.providers.http import short
+from core.providers.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+RATE_LIMITED = "rate_limited"
+CIRCUIT_OPEN = "circuit_open"
+ERROR_LIMIT = 500
+
+
+@dataclass
+class _Run:
+    """What one `send` has seen so far."""
+
+    email: Email
+    now: datetime
+    clock: Clock
+    wait_budget: float
+    calls: list[ProviderCall] = field(default_factory=list)
+    errors: list[ProviderError] = field(default_factory=list)
+
+    def record(
+        self,
+        provider: str,
+        outcome: str,
+        started: tuple[datetime, float],
+        *,
+        error: ProviderError | None = None,
+        message: str | None = None,
+        message_id: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        started_at, t0 = started
+        if error is not None:
+            self.errors.append(error)
+            status_code = error.status_code
+            message = message or short(str(error).removeprefix(f"{provider}: "))
+        self.calls.append(
+            ProviderCall(
+                provider=provider,
+                outcome=outcome,
+                started_at=started_at,
+                duration_ms=int(round((time.perf_counter() - t0) * 1000)),
+                status_code=status_code,
+                error_code=error.error_code if error else None,
+                message=message,
+                provider_message_id=message_id,
+            )
+        )
+
+    def start(self) -> tuple[datetime, float]:
+        return self.clock(), time.perf_counter()
+
+    def sent(self, accepted: Accepted) -> Outcome:
+        return Outcome(
+            error_class=None,
+            calls=self.calls,
+            provider=accepted.provider,
+            provider_message_id=accepted.message_id,
+        )
+
+    def failed(
+        self, error_class: str, *, pinned: str | None = None, error: str | None = None
+    ) -> Outcome:
+        retry_afters = [e.retry_after for e in self.errors if e.retry_after is not None]
+        summary = error or "; ".join(str(e) for e in self.errors) or "no provider available"
+        return Outcome(
+            error_class=error_class,
+            calls=self.calls,
+            error=short(summary, ERROR_LIMIT),
+            retry_after=max(retry_afters) if retry_afters else None,
+            pinned_provider=pinned,
+        )
+
+
+class ProviderChain:
+    """Sends one email through the configured providers, in failover order."""
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        breaker: CircuitBreaker | None = None,
+        limiter: RateLimiter | None = None,
+        max_wait_seconds: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.providers = list(providers)
+        self._by_name = {p.name: p for p in self.providers}
+        self.breaker = breaker
+        self.limiter = limiter
+        self._max_wait = max_wait_seconds
+        self._sleep = sleep
+        self._on_close = on_close
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.providers]
+
+    def send(
+        self, email: Email, *, pinned: str | None = None, now: datetime, clock: Clock = utcnow
+    ) -> Outcome:
+        """Send `email`; the Outcome says sent, or why not and whether the next run is pinned."""
+        run = _Run(email, now, clock, self._max_wait)
+        if pinned is not None:
+            return self._send_pinned(pinned, run)
+        for provider in self.providers:
+            result: Accepted | ProviderError | None = self._gate(provider, run)
+            if result is None:
+                result = self._send_one(provider, run)
+            if isinstance(result, Accepted):
+                return run.sent(result)
+            if not isinstance(result, TransientProviderError):
+                ambiguous = isinstance(result, AmbiguousProviderError)
+                return run.failed(result.error_class, pinned=provider.name if ambiguous else None)
+        return run.failed(ErrorClass.TRANSIENT)
+
+    def close(self) -> None:
+        """Release what the chain owns (the HTTP client built by `build_chain`)."""
+        if self._on_close is not None:
+            self._on_close()
+
+    def _send_pinned(self, name: str, run: _Run) -> Outcome:
+        provider = self._by_name.get(name)
+        if provider is None:
+            # Sending elsewhere could duplicate the letter: wait until the provider is back.
+            return run.failed(
+                ErrorClass.AMBIGUOUS, pinned=name, error=f"pinned provider {name} is not configured"
+            )
+        result: Accepted | ProviderError | None = self._gate(provider, run)
+        if result is None:
+            result = self._lookup(provider, run)
+        if result is None:
+            result = self._send_one(provider, run)
+        if isinstance(result, Accepted):
+            return run.sent(result)
+        return run.failed(result.error_class, pinned=name)
+
+    def _gate(self, provider: Provider, run: _Run) -> ProviderError | None:
+        """An error if the circuit is open or the rate limit stays closed; None to go ahead."""
+        started = run.start()
+        if self.breaker is not None and not self.breaker.allow(provider.name, now=run.now):
+            error = TransientProviderError(
+                provider.name,
+                "circuit open",
+                error_code=CIRCUIT_OPEN,
+                retry_after=self._open_for(provider, run),
+            )
+            run.record(provider.name, "skipped", started, error=error, message="circuit open")
+            return error
+        wait = self._wait_for_rate(provider.name, run)
+        if wait <= 0:
+            return None
+        error = TransientProviderError(
+            provider.name, "rate limited locally", error_code=RATE_LIMITED, retry_after=wait
+        )
+        run.record(provider.name, ErrorClass.TRANSIENT, started, error=error)
+        return error
+
+    def _wait_for_rate(self, name: str, run: _Run) -> float:
+        if self.limiter is None:
+            return 0.0
+        wait = self.limiter.acquire(name)
+        while 0 < wait <= run.wait_budget:
+            self._sleep(wait)
+            run.wait_budget -= wait
+            wait = self.limiter.acquire(name)
+        return wait
+
+    def _open_for(self, provider: Provider, run: _Run) -> float | None:
+        assert self.breaker is not None
+        until = self.breaker.state(provider.name, now=run.now).opened_until
+        return max(0.0, (until - run.now).total_seconds()) if until else None
+
+    def _lookup(self, provider: Provider, run: _Run) -> Accepted | ProviderError | None:
+        """Ask the pinned provider whether this key already produced a message."""
+        started = run.start()
+        try:
+            found = provider.find_sent(run.email)
+        except ProviderError as exc:
+            # Unable to tell whether it went out: sending now could duplicate it.
+            error = AmbiguousProviderError(
+                provider.name,
+                f"lookup failed: {exc}",
+                status_code=exc.status_code,
+                error_code=exc.error_code,
+                retry_after=exc.retry_after,
+            )
+            run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
+            self._count(provider.name, error, run)
+            return error
+        if found is not None:
+            run.record(
+                provider.name,
+                "accepted",
+                started,
+                message="found by lookup",
+                message_id=found.message_id,
+                status_code=found.status_code,
+            )
+            self._succeeded(provider.name, run)
+        return found
+
+    def _send_one(self, provider: Provider, run: _Run) -> Accepted | ProviderError:
+        started = run.start()
+        try:
+            accepted = provider.send(run.email)
+        except ProviderError as exc:
+            run.record(provider.name, exc.error_class, started, error=exc)
+            self._count(provider.name, exc, run)
+            log.warning("send via %s failed (%s): %s", provider.name, exc.error_class, exc)
+            return exc
+        except Exception as exc:
+            # A bug or an unexpected library error: we cannot know whether it went out.
+            log.exception("send via %s raised unexpectedly", provider.name)
+            error = AmbiguousProviderError(provider.name, f"unexpected {type(exc).__name__}: {exc}")
+            run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
+            self._count(provider.name, error, run)
+            return error
+        run.record(
+            provider.name,
+            "accepted",
+            started,
+            message_id=accepted.message_id,
+            status_code=accepted.status_code,
+        )
+        self._succeeded(provider.name, run)
+        return accepted
+
+    def _count(self, name: str, error: ProviderError, run: _Run) -> None:
+        """Transient and ambiguous failures count toward opening the circuit; a permanent
+        answer proves the provider is up and counts as a success."""
+        if self.breaker is None:
+            return
+        if isinstance(error, TransientProviderError | AmbiguousProviderError):
+            self.breaker.record_failure(name, now=run.now, message=str(error))
+        else:
+            self.breaker.record_success(name, now=run.now)
+
+    def _succeeded(self, name: str, run: _Run) -> None:
+        if self.breaker is not None:
+            self.breaker.record_success(name, now=run.now)

@@ -1,0 +1,84 @@
+"""What the HTTP providers share: which transport errors mean "not sent", and Retry-After.
+
+Transport errors split on one question: could the provider have received the whole request?
+
+    httpx.TransportError
+    ├── not sent (transient): ConnectError, ConnectTimeout, PoolTimeout, ProxyError,
+    │                         UnsupportedProtocol, LocalProtocolError
+    └── maybe sent (ambiguous): ReadTimeout, ReadError, RemoteProtocolError, WriteTimeout,
+                                WriteError, CloseError and anything unknown
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from core.errors import AmbiguousProviderError, ProviderError, TransientProviderError
+
+# Raised before a single byte of the request could have reached the provider.
+NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+MESSAGE_LIMIT = 200
+
+
+def timeout(connect: float, read: float) -> httpx.Timeout:
+    """Connect and read timeouts kept apart: a slow connect is safe to fail over, a slow read is not."""
+    return httpx.Timeout(read, connect=connect, pool=connect)
+
+
+def transport_error(provider: str, exc: httpx.TransportError) -> ProviderError:
+    """Classify a transport failure by whether the request may have reached the provider."""
+    detail = short(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, NOT_SENT):
+        return TransientProviderError(provider, detail, error_code=type(exc).__name__)
+    return AmbiguousProviderError(provider, detail, error_code=type(exc).__name__)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds, or an HTTP date read against the
+    response's own Date header so that no local clock is involved); None when absent."""
+    raw = response.headers.get("retry-after", "").strip()
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    when = _http_date(raw)
+    sent = _http_date(response.headers.get("date", ""))
+    if when is None or sent is None:
+        return None
+    return max(0.0, (when - sent).total_seconds())
+
+
+def _http_date(raw: str) -> datetime | None:
+    try:
+        parsed = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def json_body(response: httpx.Response) -> dict[str, Any]:
+    """The response body as a JSON object, or {} when it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def short(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """One line, at most `limit` characters: attempt rows stay small and readable."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

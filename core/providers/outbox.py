@@ -1,0 +1,76 @@
+"""The file outbox of the embedded default: one `.eml` file per idempotency key.
+
+A file is written whole under a temporary name and renamed into place, so a reader never sees
+half a message; a key whose file exists is already sent, so a retry writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from core.errors import ProviderError, TransientProviderError
+from core.providers.base import Accepted, Email
+from core.providers.http import short
+from core.providers.smtp import build_message, message_id_for
+
+NAME = "outbox"
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+class OutboxProvider:
+    """Writes each message to `{directory}/{idempotency_key}.eml`."""
+
+    name = NAME
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def path_for(self, idempotency_key: str) -> Path:
+        """Where this key's message lives; keys unsafe as file names are hashed."""
+        if _SAFE_KEY.fullmatch(idempotency_key):
+            stem = idempotency_key
+        else:
+            stem = "sha256-" + hashlib.sha256(idempotency_key.encode()).hexdigest()
+        return self.directory / f"{stem}.eml"
+
+    def send(self, email: Email) -> Accepted:
+        """Write the message once; a second call with the same key changes nothing."""
+        path = self.path_for(email.idempotency_key)
+        try:
+            if not path.exists():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                _write_atomically(path, build_message(email).as_bytes())
+        except OSError as exc:
+            raise _translate(exc) from exc
+        return self._accepted(email)
+
+    def find_sent(self, email: Email) -> Accepted | None:
+        """The message if its file exists."""
+        return self._accepted(email) if self.path_for(email.idempotency_key).exists() else None
+
+    def _accepted(self, email: Email) -> Accepted:
+        return Accepted(NAME, message_id_for(email.idempotency_key))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _translate(exc: OSError) -> ProviderError:
+    """A full disk or a missing permission: nothing was written, so try later or elsewhere."""
+    return TransientProviderError(
+        NAME, short(f"{type(exc).__name__}: {exc}"), error_code=type(exc).__name__
+    )

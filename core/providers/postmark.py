@@ -1,0 +1,151 @@
+"""Postmark: POST /email. Postmark has no idempotency key, so the delivery's key travels in
+`Metadata`, and after an ambiguous outcome `find_sent` searches outbound messages by it
+before anything is sent again (DESIGN.md invariant 7). See docs/providers.md for the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from core.errors import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+from core.providers import http
+from core.providers.base import Accepted, Email
+
+NAME = "postmark"
+METADATA_KEY = "idempotency_key"
+# Postmark ErrorCodes about the account or server, never about the letter: fail over.
+# 10 bad token, 400/401 sender signature missing/unconfirmed, 405 not allowed to send
+# (e.g. out of credits), 412 account pending approval.
+ACCOUNT_ERROR_CODES = frozenset({10, 400, 401, 405, 412})
+# Postmark limits metadata names to 20 characters and values to 80.
+_META_NAME_MAX = 20
+_META_VALUE_MAX = 80
+
+
+class PostmarkProvider:
+    """Sends through the Postmark HTTP API."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        *,
+        server_token: str,
+        base_url: str = "https://api.postmarkapp.com",
+        message_stream: str = "outbound",
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
+        self._client = client
+        self._base = base_url.rstrip("/")
+        self._stream = message_stream
+        self._headers = {"X-Postmark-Server-Token": server_token, "Accept": "application/json"}
+        self._timeout = timeout or httpx.USE_CLIENT_DEFAULT
+
+    def send(self, email: Email) -> Accepted:
+        """POST the message with the idempotency key in its metadata."""
+        try:
+            response = self._client.post(
+                f"{self._base}/email",
+                json=payload(email, self._stream),
+                headers=self._headers,
+                timeout=self._timeout,
+            )
+            response.raise_for_status()
+            message_id = str(response.json()["MessageID"])
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
+            raise _translate(exc) from exc
+        return Accepted(NAME, message_id, response.status_code)
+
+    def find_sent(self, email: Email) -> Accepted | None:
+        """The outbound message carrying this idempotency key, if Postmark has one."""
+        params = {"count": "1", "offset": "0", f"metadata_{METADATA_KEY}": email.idempotency_key}
+        try:
+            response = self._client.get(
+                f"{self._base}/messages/outbound",
+                params=params,
+                headers=self._headers,
+                timeout=self._timeout,
+            )
+            response.raise_for_status()
+            body = response.json()
+            if not body.get("TotalCount"):
+                return None
+            message_id = str(body["Messages"][0]["MessageID"])
+        except (
+            httpx.HTTPError,
+            httpx.InvalidURL,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+        ) as exc:
+            raise _translate(exc) from exc
+        return Accepted(NAME, message_id, response.status_code)
+
+
+def payload(email: Email, stream: str) -> dict[str, Any]:
+    """The JSON body Postmark expects."""
+    metadata = {
+        name[:_META_NAME_MAX]: value[:_META_VALUE_MAX]
+        for name, value in email.tags.items()
+        if name != METADATA_KEY
+    }
+    metadata[METADATA_KEY] = email.idempotency_key
+    body: dict[str, Any] = {
+        "From": email.sender,
+        "To": email.to,
+        "Subject": email.subject,
+        "TextBody": email.text,
+        "MessageStream": stream,
+        "Metadata": metadata,
+    }
+    if email.tags.get("kind"):
+        body["Tag"] = email.tags["kind"]
+    return body
+
+
+def _translate(exc: Exception) -> ProviderError:
+    """Every way a Postmark call can fail, as one of our provider errors."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return _from_response(exc.response)
+    if isinstance(exc, httpx.TransportError):
+        return http.transport_error(NAME, exc)
+    if isinstance(exc, httpx.InvalidURL):
+        return TransientProviderError(NAME, f"invalid URL: {exc}", error_code="invalid_url")
+    # A success status whose body carries no MessageID: it may well have been sent.
+    return AmbiguousProviderError(NAME, http.short(f"unreadable success answer: {exc!r}"))
+
+
+def _from_response(response: httpx.Response) -> ProviderError:
+    status = response.status_code
+    body = http.json_body(response)
+    code = body.get("ErrorCode")
+    message = http.short(str(body.get("Message") or response.reason_phrase or status))
+    fields: dict[str, Any] = {
+        "status_code": status,
+        "error_code": None if code is None else str(code),
+    }
+    if status == 429:
+        return TransientProviderError(
+            NAME, message, retry_after=http.retry_after(response), **fields
+        )
+    if status in (401, 403, 408) or code in ACCOUNT_ERROR_CODES:
+        return TransientProviderError(NAME, message, **fields)
+    if status == 504:
+        # A gateway gave up waiting on Postmark, which may still have accepted the message.
+        return AmbiguousProviderError(NAME, message, **fields)
+    if status >= 500 or 300 <= status < 400:
+        return TransientProviderError(
+            NAME, message, retry_after=http.retry_after(response), **fields
+        )
+    if 400 <= status < 500:
+        return PermanentProviderError(NAME, message, **fields)
+    return AmbiguousProviderError(NAME, message, **fields)

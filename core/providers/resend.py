@@ -1,0 +1,130 @@
+"""Resend: POST /emails with an `Idempotency-Key`, so a retry with the same key never sends twice.
+
+Resend remembers each key with a fingerprint of its body: the same key and body return the
+first message's id, the same key with another body is refused (409), and a second request
+while the first is still running is refused too (409). See docs/providers.md for the table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+
+from core.errors import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    PossiblySentError,
+    ProviderError,
+    TransientProviderError,
+)
+from core.providers import http
+from core.providers.base import Accepted, Email
+
+NAME = "resend"
+# Resend tag names and values allow only ASCII letters, digits, underscores and dashes.
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class ResendProvider:
+    """Sends through the Resend HTTP API."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        *,
+        api_key: str,
+        base_url: str = "https://api.resend.com",
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
+        self._client = client
+        self._api_key = api_key
+        self._url = base_url.rstrip("/") + "/emails"
+        self._timeout = timeout or httpx.USE_CLIENT_DEFAULT
+
+    def send(self, email: Email) -> Accepted:
+        """POST the message with the delivery's idempotency key."""
+        headers = {
+            "Authorization": f"Bearer {self._api_key}",
+            "Idempotency-Key": email.idempotency_key,
+        }
+        try:
+            response = self._client.post(
+                self._url,
+                json=payload(email),
+                headers=headers,
+                timeout=self._timeout,
+            )
+            response.raise_for_status()
+            message_id = str(response.json()["id"])
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
+            raise _translate(exc) from exc
+        return Accepted(NAME, message_id, response.status_code)
+
+    def find_sent(self, email: Email) -> Accepted | None:
+        """Unsupported and unneeded: a retry with the same key returns the first message's id."""
+        return None
+
+
+def payload(email: Email) -> dict[str, Any]:
+    """The JSON body Resend expects."""
+    body: dict[str, Any] = {
+        "from": email.sender,
+        "to": [email.to],
+        "subject": email.subject,
+        "text": email.text,
+    }
+    if email.tags:
+        body["tags"] = [
+            {"name": _TAG_UNSAFE.sub("_", name)[:256], "value": _TAG_UNSAFE.sub("_", value)[:256]}
+            for name, value in email.tags.items()
+        ]
+    return body
+
+
+def _translate(exc: Exception) -> ProviderError:
+    """Every way a Resend call can fail, as one of our provider errors."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return _from_response(exc.response)
+    if isinstance(exc, httpx.TransportError):
+        return http.transport_error(NAME, exc)
+    if isinstance(exc, httpx.InvalidURL):
+        return TransientProviderError(NAME, f"invalid URL: {exc}", error_code="invalid_url")
+    # A success status whose body carries no id: it may well have been sent.
+    return AmbiguousProviderError(NAME, http.short(f"unreadable success answer: {exc!r}"))
+
+
+def _from_response(response: httpx.Response) -> ProviderError:
+    status = response.status_code
+    body = http.json_body(response)
+    name = str(body.get("name") or "") or None
+    message = http.short(str(body.get("message") or response.reason_phrase or status))
+    fields: dict[str, Any] = {"status_code": status, "error_code": name}
+    if status == 409 and name == "invalid_idempotent_request":
+        return PossiblySentError(NAME, message, **fields)
+    if status == 409:
+        # concurrent_idempotent_requests: another request with this key is running right now
+        # and may be accepted. Failing over would duplicate it; ask Resend again later.
+        return AmbiguousProviderError(
+            NAME, message, retry_after=http.retry_after(response), **fields
+        )
+    if status == 429:
+        return TransientProviderError(
+            NAME, message, retry_after=http.retry_after(response), **fields
+        )
+    if status in (401, 403, 408):
+        # A bad or revoked key is the operator's problem, not the letter's: fail over.
+        return TransientProviderError(NAME, message, **fields)
+    if status == 504:
+        # A gateway gave up waiting on Resend, which may still have accepted the message.
+        return AmbiguousProviderError(NAME, message, **fields)
+    if status >= 500 or 300 <= status < 400:
+        return TransientProviderError(
+            NAME, message, retry_after=http.retry_after(response), **fields
+        )
+    if 400 <= status < 500:
+        return PermanentProviderError(NAME, message, **fields)
+    return AmbiguousProviderError(NAME, message, **fields)

@@ -1,0 +1,176 @@
+"""SMTP: one connection per message, with a Message-ID derived from the idempotency key.
+
+SMTP has no idempotency, but the Message-ID `<{key}@capsule>` is the same on every attempt, so
+a receiver (or a human) can recognise a repeat. Whether a failure is safe to fail over depends
+on when it happened: before DATA nothing can have been accepted; a timeout or a hang-up once
+the message body is on the wire may hide an accepted message. A definite reply code decides
+whenever there is one: 4xx try later (or elsewhere), 5xx never.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, parseaddr
+
+from core.errors import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+from core.providers.base import Accepted, Email
+from core.providers.http import short
+
+NAME = "smtp"
+# 7-bit output (quoted-printable bodies) goes through any relay, with or without 8BITMIME.
+_POLICY = SMTP_POLICY.clone(cte_type="7bit")
+# Replies that concern our own account or server, not the letter: fail over rather than give up.
+_NOT_ABOUT_THE_LETTER = (
+    smtplib.SMTPAuthenticationError,
+    smtplib.SMTPSenderRefused,
+    smtplib.SMTPHeloError,
+    smtplib.SMTPConnectError,
+)
+
+
+def message_id_for(idempotency_key: str) -> str:
+    """The Message-ID every attempt of this delivery carries."""
+    return f"<{idempotency_key}@capsule>"
+
+
+def build_message(email: Email, *, date: datetime | None = None) -> EmailMessage:
+    """The RFC 5322 message for SMTP and the file outbox."""
+    message = EmailMessage(policy=_POLICY)
+    message["From"] = email.sender
+    message["To"] = email.to
+    message["Subject"] = email.subject
+    message["Message-ID"] = message_id_for(email.idempotency_key)
+    message["Date"] = format_datetime(date or datetime.now(UTC))
+    message.set_content(email.text)
+    return message
+
+
+class _Progress:
+    """How far a conversation got: decides whether a hang-up may hide an accepted message."""
+
+    data_started = False
+
+
+class SmtpProvider:
+    """Sends over SMTP (optionally STARTTLS and AUTH), one connection per message."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        connect_timeout: float = 5,
+        read_timeout: float = 20,
+        smtp_factory: Callable[[], smtplib.SMTP] | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._username = username
+        self._password = password
+        self._starttls = starttls
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._factory = smtp_factory or (lambda: smtplib.SMTP(timeout=connect_timeout))
+
+    def send(self, email: Email) -> Accepted:
+        """Deliver the message to the configured server."""
+        message = build_message(email)
+        progress = _Progress()
+        try:
+            code = self._deliver(email, message, progress)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _translate(exc, data_started=progress.data_started) from exc
+        return Accepted(NAME, str(message["Message-ID"]), code)
+
+    def find_sent(self, email: Email) -> Accepted | None:
+        """SMTP cannot be asked what it received."""
+        return None
+
+    def _deliver(self, email: Email, message: EmailMessage, progress: _Progress) -> int:
+        smtp = self._factory()
+        try:
+            code = self._converse(smtp, email, message, progress)
+        except BaseException:
+            smtp.close()  # no QUIT: after a timeout it would only wait for another one
+            raise
+        _quit(smtp)
+        return code
+
+    def _converse(
+        self, smtp: smtplib.SMTP, email: Email, message: EmailMessage, progress: _Progress
+    ) -> int:
+        smtp.connect(self._host, self._port)
+        if smtp.sock is not None:
+            smtp.sock.settimeout(self._read_timeout)
+        self._hello(smtp)
+        sender = parseaddr(email.sender)[1] or email.sender
+        code, reply = smtp.mail(sender)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, reply, sender)
+        code, reply = smtp.rcpt(email.to)
+        if code not in (250, 251):
+            raise smtplib.SMTPRecipientsRefused({email.to: (code, reply)})
+        progress.data_started = True
+        code, reply = smtp.data(message.as_bytes())
+        if code != 250:
+            raise smtplib.SMTPDataError(code, reply)
+        return code
+
+    def _hello(self, smtp: smtplib.SMTP) -> None:
+        smtp.ehlo_or_helo_if_needed()
+        if self._starttls:
+            smtp.starttls(context=ssl.create_default_context())
+            smtp.ehlo()
+        if self._username:
+            smtp.login(self._username, self._password or "")
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    """End politely; the message is already accepted, so a failing QUIT changes nothing."""
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+def _translate(exc: BaseException, *, data_started: bool) -> ProviderError:
+    """Every way an SMTP conversation can fail, as one of our provider errors."""
+    code, detail = _reply(exc)
+    kind: type[ProviderError]
+    if code is None:
+        # No reply: a hang-up or timeout once the body was on the wire may hide an acceptance.
+        kind = AmbiguousProviderError if data_started else TransientProviderError
+    elif code < 500 or isinstance(exc, _NOT_ABOUT_THE_LETTER):
+        kind = TransientProviderError
+    else:
+        kind = PermanentProviderError
+    return kind(NAME, short(detail), status_code=code, error_code=type(exc).__name__)
+
+
+def _reply(exc: BaseException) -> tuple[int | None, str]:
+    """The server's reply code and text, when the failure was a reply."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        code, text = next(iter(exc.recipients.values()))
+        return code, f"{code} {_text(text)}"
+    if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code > 0:
+        return exc.smtp_code, f"{exc.smtp_code} {_text(exc.smtp_error)}"
+    return None, f"{type(exc).__name__}: {exc}"
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

@@ -1,0 +1,857 @@
+"""A real local HTTP server speaking the parts of the Resend and Postmark APIs we use.
+
+    Resend    POST /emails                 Bearer auth, Idempotency-Key semantics
+    Postmark  POST /email                  X-Postmark-Server-Token
+              GET  /messages/outbound      count, offset, recipient, tag, metadata_<name>
+    Admin     GET  /_admin/messages        stored messages and counts per idempotency key
+              GET  /_admin/stats           requests and responses per provider
+              POST /_admin/faults          {"provider": "resend"|"postmark"|"all", "queue": [...],
+                                            "p_5xx", "p_429", "p_stall", "seed", "latency_ms",
+                                            "stall_seconds", "append": false}
+              POST /_admin/reset           forget messages, keys, faults and stats
+              GET  /_admin/health
+
+Faults apply to the send endpoints only. A queued fault is used by the next send; when the
+queue is empty, the random rates (p_5xx, p_429, p_stall; seeded) decide. Fault specs:
+
+    "503" / "500" / "422" / "401" ...   answer that status (nothing stored)
+    "429" or "429:5"                    429 with Retry-After (default 1 s)
+    "stall" or "stall:2.5"              accept and store, then answer only after the stall
+                                        (longer than the client's read timeout → ambiguous)
+    "drop"                              accept and store, then close without answering
+    "drop_before"                       close without answering, nothing stored
+    {"status": 503, "retry_after": 2, "name": "...", "error_code": 406, "message": "..."}
+    {"action": "stall", "seconds": 3}
+
+Standalone: `python -m tests.fakes.provider_server --port 8025 --latency-ms 50 --p-5xx 0.1`
+prints its URL on the first line of stdout and serves until SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import random
+import re
+import signal
+import socket
+import threading
+import uuid
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+PROVIDERS = ("resend", "postmark")
+DEFAULT_RESEND_KEY = "re_test_key"
+DEFAULT_POSTMARK_TOKEN = "pm-test-token"
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+_NAMED_ADDRESS = re.compile(r"^[^<>]*<([^<>]+)>$")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class StoredMessage:
+    """One message a fake provider accepted."""
+
+    provider: str
+    id: str
+    idempotency_key: str | None
+    sender: str
+    to: list[str]
+    subject: str
+    text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    tag: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    received_at: str = ""
+
+
+@dataclass
+class Fault:
+    """What to do with the next send instead of answering normally."""
+
+    action: str  # status | stall | drop | drop_before
+    status: int | None = None
+    retry_after: float | None = None
+    seconds: float | None = None
+    name: str | None = None
+    error_code: int | None = None
+    message: str | None = None
+
+
+def parse_fault(spec: str | int | dict[str, Any] | Fault) -> Fault:
+    """A Fault from its short form ("503", "429:5", "stall:2", "drop") or a dict."""
+    if isinstance(spec, Fault):
+        return spec
+    if isinstance(spec, dict):
+        data = dict(spec)
+        action = data.pop("action", "status")
+        return Fault(action=action, **data)
+    head, _, arg = str(spec).partition(":")
+    if head.isdigit():
+        status = int(head)
+        retry = float(arg) if arg else (1.0 if status == 429 else None)
+        return Fault("status", status=status, retry_after=retry)
+    if head in {"stall", "drop", "drop_before"}:
+        return Fault(head, seconds=float(arg) if arg else None)
+    raise ValueError(f"unknown fault {spec!r}")
+
+
+@dataclass
+class _Faults:
+    queue: deque[Fault] = field(default_factory=deque)
+    p_5xx: float = 0.0
+    p_429: float = 0.0
+    p_stall: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+    latency_ms: float = 0.0
+    stall_seconds: float = 5.0
+
+    def next(self) -> Fault | None:
+        if self.queue:
+            return self.queue.popleft()
+        if not (self.p_5xx or self.p_429 or self.p_stall):
+            return None
+        draw = self.rng.random()
+        if draw < self.p_5xx:
+            return Fault("status", status=503)
+        if draw < self.p_5xx + self.p_429:
+            return Fault("status", status=429, retry_after=1.0)
+        if draw < self.p_5xx + self.p_429 + self.p_stall:
+            return Fault("stall")
+        return None
+
+
+@dataclass
+class _KeyRecord:
+    fingerprint: str
+    done: bool = False
+    message_id: str | None = None
+
+
+class _Reply(Exception):
+    """Ends a request with this status and JSON body."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+class _Drop(Exception):
+    """Ends a request by closing the connection without an answer."""
+
+
+# ---------------------------------------------------------------- state
+
+
+class FakeProviderState:
+    """Messages, idempotency keys, faults and counters, shared by all handler threads."""
+
+    def __init__(self, *, resend_api_key: str, postmark_token: str, latency_ms: float) -> None:
+        self.resend_api_key = resend_api_key
+        self.postmark_token = postmark_token
+        self.inactive_recipients: set[str] = set()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._default_latency = latency_ms
+        self._reset()
+
+    def _reset(self) -> None:
+        self._messages: list[StoredMessage] = []
+        self._keys: dict[str, _KeyRecord] = {}
+        self._faults = {p: _Faults(latency_ms=self._default_latency) for p in PROVIDERS}
+        self._requests: Counter[str] = Counter()
+        self._responses: Counter[str] = Counter()
+        self._replays: Counter[str] = Counter()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset()
+
+    # faults
+
+    def set_faults(
+        self,
+        provider: str,
+        queue: list[Any] | tuple[Any, ...] = (),
+        *,
+        p_5xx: float = 0.0,
+        p_429: float = 0.0,
+        p_stall: float = 0.0,
+        seed: int | None = None,
+        latency_ms: float | None = None,
+        stall_seconds: float | None = None,
+        append: bool = False,
+    ) -> None:
+        faults = [parse_fault(spec) for spec in queue]
+        with self._lock:
+            for name in self._targets(provider):
+                current = self._faults[name]
+                if not append:
+                    current.queue.clear()
+                    current.p_5xx, current.p_429, current.p_stall = p_5xx, p_429, p_stall
+                    current.rng = random.Random(seed)
+                current.queue.extend(faults)
+                if latency_ms is not None:
+                    current.latency_ms = latency_ms
+                if stall_seconds is not None:
+                    current.stall_seconds = stall_seconds
+
+    def _targets(self, provider: str) -> tuple[str, ...]:
+        if provider == "all":
+            return PROVIDERS
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {provider!r}")
+        return (provider,)
+
+    def next_fault(self, provider: str) -> tuple[Fault | None, float, float]:
+        """The fault for this send (or None), the latency and the stall length, in seconds."""
+        with self._lock:
+            faults = self._faults[provider]
+            return faults.next(), faults.latency_ms / 1000, faults.stall_seconds
+
+    def latency(self, provider: str) -> float:
+        with self._lock:
+            return self._faults[provider].latency_ms / 1000
+
+    # idempotency (Resend)
+
+    def begin_key(self, key: str, fingerprint: str) -> str | None:
+        """None to go ahead (the key is now in flight), else the id of the earlier message.
+
+        Raises _Reply(409) for a key in flight or a key reused with another body."""
+        with self._lock:
+            record = self._keys.get(key)
+            if record is None:
+                self._keys[key] = _KeyRecord(fingerprint)
+                return None
+            if record.fingerprint != fingerprint:
+                raise _Reply(
+                    409,
+                    _resend_error(
+                        409,
+                        "invalid_idempotent_request",
+                        "Same idempotency key used with a different request payload.",
+                    ),
+                )
+            if not record.done or record.message_id is None:
+                raise _Reply(
+                    409,
+                    _resend_error(
+                        409,
+                        "concurrent_idempotent_requests",
+                        "Same idempotency key used while original request is still in progress.",
+                    ),
+                )
+            self._replays["resend"] += 1
+            return record.message_id
+
+    def finish_key(self, key: str, message_id: str | None) -> None:
+        """Mark the key done with its message; None forgets it (the request failed)."""
+        with self._lock:
+            if message_id is None:
+                self._keys.pop(key, None)
+            else:
+                self._keys[key].done = True
+                self._keys[key].message_id = message_id
+
+    # messages
+
+    def store(self, message: StoredMessage) -> None:
+        with self._lock:
+            self._messages.append(message)
+
+    def messages(self, provider: str | None = None) -> list[StoredMessage]:
+        with self._lock:
+            return [m for m in self._messages if provider in (None, m.provider)]
+
+    def counts_by_key(self, provider: str | None = None) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for message in self.messages(provider):
+            if message.idempotency_key:
+                counts[message.idempotency_key] += 1
+        return dict(counts)
+
+    def count_request(self, provider: str) -> None:
+        with self._lock:
+            self._requests[provider] += 1
+
+    def count_response(self, provider: str, status: int | str) -> None:
+        with self._lock:
+            self._responses[f"{provider}:{status}"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            responses: dict[str, dict[str, int]] = {}
+            for name, count in self._responses.items():
+                provider, _, status = name.partition(":")
+                responses.setdefault(provider, {})[status] = count
+            return {
+                "requests": dict(self._requests),
+                "responses": responses,
+                "replays": dict(self._replays),
+                "messages": Counter(m.provider for m in self._messages),
+            }
+
+
+def _resend_error(status: int, name: str, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "name": name, "message": message}
+
+
+def _fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _address(value: str) -> str:
+    match = _NAMED_ADDRESS.match(value.strip())
+    return (match.group(1) if match else value).strip()
+
+
+def _valid_address(value: object) -> bool:
+    return isinstance(value, str) and bool(_ADDRESS.match(_address(value)))
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+# ---------------------------------------------------------------- handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # idle keep-alive connections end eventually
+    server: _Server
+
+    @property
+    def state(self) -> FakeProviderState:
+        return self.server.state
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        routes = {
+            ("POST", "/emails"): self._resend_send,
+            ("POST", "/email"): self._postmark_send,
+            ("GET", "/messages/outbound"): self._postmark_search,
+            ("GET", "/_admin/messages"): self._admin_messages,
+            ("GET", "/_admin/stats"): lambda: _ok(self.state.stats()),
+            ("GET", "/_admin/health"): lambda: _ok({"ok": True}),
+            ("POST", "/_admin/faults"): self._admin_faults,
+            ("POST", "/_admin/reset"): self._admin_reset,
+        }
+        route = routes.get((method, path))
+        body = self._read_body()
+        try:
+            if route is None:
+                raise _Reply(404, {"message": f"no route {method} {path}"})
+            self._body = body
+            route()
+        except _Reply as reply:
+            self._answer(reply.status, reply.body, reply.headers)
+        except _Drop:
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _json(self) -> dict[str, Any]:
+        try:
+            body = json.loads(self._body or b"{}")
+        except ValueError:
+            raise _Reply(400, {"message": "body is not JSON"}) from None
+        if not isinstance(body, dict):
+            raise _Reply(400, {"message": "body is not a JSON object"})
+        return body
+
+    def _answer(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the client gave up (e.g. its read timeout)
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            self.state.stopping.wait(seconds)
+
+    # faults common to both providers
+
+    def _apply_fault(self, provider: str, fault: Fault | None, latency: float) -> None:
+        """Answer a status fault or drop before anything is stored."""
+        if fault is None or fault.action not in {"status", "drop_before"}:
+            return
+        self._pause(latency)
+        if fault.action == "drop_before":
+            self.state.count_response(provider, "drop_before")
+            raise _Drop
+        assert fault.status is not None
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        self.state.count_response(provider, fault.status)
+        raise _Reply(fault.status, _fault_body(provider, fault), headers)
+
+    def _after_store(self, provider: str, fault: Fault | None, stall_seconds: float) -> None:
+        """A stall or a drop once the message is stored: the answer is late or never comes."""
+        if fault is None:
+            return
+        if fault.action == "stall":
+            self.state.count_response(provider, "stall")
+            self._pause(fault.seconds if fault.seconds is not None else stall_seconds)
+        elif fault.action == "drop":
+            self.state.count_response(provider, "drop")
+            raise _Drop
+
+    # Resend
+
+    def _resend_send(self) -> None:
+        self.state.count_request("resend")
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            raise _Reply(
+                401,
+                _resend_error(
+                    401, "missing_api_key", "Missing API key in the authorization header."
+                ),
+            )
+        if auth.removeprefix("Bearer ") != self.state.resend_api_key:
+            raise _Reply(403, _resend_error(403, "invalid_api_key", "API key is invalid."))
+        body = self._json()
+        fault, latency, stall = self.state.next_fault("resend")
+        self._apply_fault("resend", fault, latency)
+        to = _resend_validate(body)
+        key = self.headers.get("Idempotency-Key")
+        if key:
+            earlier = self.state.begin_key(key, _fingerprint(body))
+            if earlier is not None:
+                self._pause(latency)
+                self.state.count_response("resend", 200)
+                raise _Reply(200, {"id": earlier})
+        message_id = str(uuid.uuid4())
+        try:
+            self._pause(latency)  # the window in which the key is "in flight"
+            self.state.store(
+                StoredMessage(
+                    provider="resend",
+                    id=message_id,
+                    idempotency_key=key,
+                    sender=str(body["from"]),
+                    to=to,
+                    subject=str(body.get("subject", "")),
+                    text=str(body.get("text", "")),
+                    tags={str(t.get("name")): str(t.get("value")) for t in body.get("tags") or []},
+                    received_at=_now_iso(),
+                )
+            )
+        except BaseException:
+            if key:
+                self.state.finish_key(key, None)
+            raise
+        if key:
+            self.state.finish_key(key, message_id)
+        self._after_store("resend", fault, stall)
+        self.state.count_response("resend", 200)
+        raise _Reply(200, {"id": message_id})
+
+    # Postmark
+
+    def _postmark_auth(self) -> None:
+        if self.headers.get("X-Postmark-Server-Token") != self.state.postmark_token:
+            raise _Reply(401, {"ErrorCode": 10, "Message": "Bad or missing Server API token."})
+
+    def _postmark_send(self) -> None:
+        self.state.count_request("postmark")
+        self._postmark_auth()
+        body = self._json()
+        fault, latency, stall = self.state.next_fault("postmark")
+        self._apply_fault("postmark", fault, latency)
+        to = _postmark_validate(body, self.state.inactive_recipients)
+        message_id = str(uuid.uuid4())
+        self._pause(latency)
+        metadata = {str(k): str(v) for k, v in (body.get("Metadata") or {}).items()}
+        self.state.store(
+            StoredMessage(
+                provider="postmark",
+                id=message_id,
+                idempotency_key=metadata.get("idempotency_key"),
+                sender=str(body["From"]),
+                to=to,
+                subject=str(body.get("Subject", "")),
+                text=str(body.get("TextBody", "")),
+                metadata=metadata,
+                tag=body.get("Tag"),
+                received_at=_now_iso(),
+            )
+        )
+        self._after_store("postmark", fault, stall)
+        self.state.count_response("postmark", 200)
+        raise _Reply(
+            200,
+            {
+                "To": body["To"],
+                "SubmittedAt": _now_iso(),
+                "MessageID": message_id,
+                "ErrorCode": 0,
+                "Message": "OK",
+            },
+        )
+
+    def _postmark_search(self) -> None:
+        self._postmark_auth()
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        try:
+            count, offset = int(query["count"]), int(query.get("offset", "0"))
+        except (KeyError, ValueError):
+            raise _Reply(
+                422, {"ErrorCode": 1, "Message": "count and offset are required"}
+            ) from None
+        if not 0 < count <= 500:
+            raise _Reply(422, {"ErrorCode": 1, "Message": "count must be 1..500"})
+        self._pause(self.state.latency("postmark"))
+        found = [m for m in reversed(self.state.messages("postmark")) if _matches(m, query)]
+        raise _Reply(
+            200,
+            {
+                "TotalCount": len(found),
+                "Messages": [_summary(m) for m in found[offset : offset + count]],
+            },
+        )
+
+    # admin
+
+    def _admin_messages(self) -> None:
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        provider = query.get("provider")
+        messages = self.state.messages(provider)
+        _ok(
+            {
+                "total": len(messages),
+                "messages": [asdict(m) for m in messages],
+                "counts_by_key": self.state.counts_by_key(provider),
+            }
+        )
+
+    def _admin_faults(self) -> None:
+        body = self._json()
+        provider = str(body.pop("provider", "all"))
+        try:
+            self.state.set_faults(provider, **body)
+        except (TypeError, ValueError) as exc:
+            raise _Reply(400, {"message": str(exc)}) from None
+        _ok({"ok": True})
+
+    def _admin_reset(self) -> None:
+        self.state.reset()
+        _ok({"ok": True})
+
+
+def _ok(body: dict[str, Any]) -> None:
+    raise _Reply(200, body)
+
+
+def _fault_body(provider: str, fault: Fault) -> dict[str, Any]:
+    status = fault.status or 500
+    if provider == "resend":
+        default = {
+            429: "rate_limit_exceeded",
+            422: "validation_error",
+            401: "missing_api_key",
+            403: "invalid_api_key",
+            404: "not_found",
+        }.get(status, "internal_server_error")
+        return _resend_error(status, fault.name or default, fault.message or f"injected {status}")
+    code = (
+        fault.error_code
+        if fault.error_code is not None
+        else {422: 300, 401: 10, 429: 429}.get(status, 0)
+    )
+    return {"ErrorCode": code, "Message": fault.message or f"injected {status}"}
+
+
+def _resend_validate(body: dict[str, Any]) -> list[str]:
+    if not body.get("from"):
+        raise _Reply(422, _resend_error(422, "missing_required_field", "Missing `from` field."))
+    if not _valid_address(body["from"]):
+        raise _Reply(422, _resend_error(422, "invalid_from_address", "Invalid `from` field."))
+    raw = body.get("to")
+    to = [raw] if isinstance(raw, str) else raw
+    if not isinstance(to, list) or not to or not all(_valid_address(a) for a in to):
+        raise _Reply(422, _resend_error(422, "validation_error", "Invalid `to` field."))
+    if "subject" not in body:
+        raise _Reply(422, _resend_error(422, "missing_required_field", "Missing `subject` field."))
+    return [str(a) for a in to]
+
+
+def _postmark_validate(body: dict[str, Any], inactive: set[str]) -> list[str]:
+    if not _valid_address(body.get("From")):
+        raise _Reply(422, {"ErrorCode": 300, "Message": "Invalid 'From' address."})
+    to = [a.strip() for a in str(body.get("To") or "").split(",") if a.strip()]
+    if not to or not all(_valid_address(a) for a in to):
+        raise _Reply(422, {"ErrorCode": 300, "Message": "Invalid 'To' address."})
+    if any(_address(a).lower() in inactive for a in to):
+        raise _Reply(
+            422,
+            {
+                "ErrorCode": 406,
+                "Message": "You tried to send to recipient(s) that have been marked as inactive.",
+            },
+        )
+    return to
+
+
+def _matches(message: StoredMessage, query: dict[str, str]) -> bool:
+    if "recipient" in query and query["recipient"] not in (_address(a) for a in message.to):
+        return False
+    if "tag" in query and message.tag != query["tag"]:
+        return False
+    wanted = {k.removeprefix("metadata_"): v for k, v in query.items() if k.startswith("metadata_")}
+    return all(message.metadata.get(k) == v for k, v in wanted.items())
+
+
+def _summary(message: StoredMessage) -> dict[str, Any]:
+    return {
+        "MessageID": message.id,
+        "To": [{"Email": _address(a), "Name": None} for a in message.to],
+        "Recipients": [_address(a) for a in message.to],
+        "From": message.sender,
+        "Subject": message.subject,
+        "Tag": message.tag,
+        "Status": "Sent",
+        "Metadata": message.metadata,
+        "ReceivedAt": message.received_at,
+        "MessageStream": "outbound",
+    }
+
+
+# ---------------------------------------------------------------- server
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 256  # many consumers connecting at once must not be refused
+
+    def __init__(self, address: tuple[str, int], state: FakeProviderState) -> None:
+        self.state = state
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Hang up on every client, so a stopped server really is gone (keep-alive too)."""
+        with self._open_lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # already gone
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class FakeProviderServer:
+    """The fake Resend + Postmark server, in a background thread. Use as a context manager or
+    call start() / stop()."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        resend_api_key: str = DEFAULT_RESEND_KEY,
+        postmark_token: str = DEFAULT_POSTMARK_TOKEN,
+        latency_ms: float = 0.0,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self.state = FakeProviderState(
+            resend_api_key=resend_api_key, postmark_token=postmark_token, latency_ms=latency_ms
+        )
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def resend_api_key(self) -> str:
+        return self.state.resend_api_key
+
+    @property
+    def postmark_token(self) -> str:
+        return self.state.postmark_token
+
+    def start(self) -> FakeProviderServer:
+        self.state.stopping.clear()
+        self._server = _Server((self.host, self._requested_port or self.port), self.state)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name=f"fake-provider-{self.port}",
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and free the port: later connections are refused."""
+        if self._server is None:
+            return
+        self.state.stopping.set()  # ends stalls early
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> FakeProviderServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # the Python side of the admin API
+
+    def set_faults(
+        self, provider: str, queue: list[Any] | tuple[Any, ...] = (), **options: Any
+    ) -> None:
+        """Replace `provider`'s faults ("resend", "postmark" or "all"); see the module doc."""
+        self.state.set_faults(provider, queue, **options)
+
+    def push_faults(self, provider: str, *specs: Any) -> None:
+        """Queue more faults after the ones already queued."""
+        self.state.set_faults(provider, specs, append=True)
+
+    def messages(self, provider: str | None = None) -> list[StoredMessage]:
+        return self.state.messages(provider)
+
+    def count_for_key(self, key: str, provider: str | None = None) -> int:
+        return self.state.counts_by_key(provider).get(key, 0)
+
+    def mark_inactive(self, address: str) -> None:
+        """Postmark will answer 422 / ErrorCode 406 for this recipient."""
+        self.state.inactive_recipients.add(address.lower())
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+
+class AdminClient:
+    """Drives a fake provider server from another process, over HTTP."""
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self._client = httpx.Client(base_url=url, timeout=timeout)
+
+    def set_faults(
+        self, provider: str = "all", queue: list[Any] | tuple[Any, ...] = (), **options: Any
+    ) -> None:
+        self._post("/_admin/faults", {"provider": provider, "queue": list(queue), **options})
+
+    def push_faults(self, provider: str, *specs: Any) -> None:
+        self._post("/_admin/faults", {"provider": provider, "queue": list(specs), "append": True})
+
+    def messages(self, provider: str | None = None) -> dict[str, Any]:
+        params = {"provider": provider} if provider else {}
+        response = self._client.get("/_admin/messages", params=params)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def stats(self) -> dict[str, Any]:
+        response = self._client.get("/_admin/stats")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def reset(self) -> None:
+        self._post("/_admin/reset", {})
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        self._client.post(path, json=body).raise_for_status()
+
+
+# ---------------------------------------------------------------- standalone
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake Resend + Postmark API server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--p-5xx", type=float, default=0.0)
+    parser.add_argument("--p-429", type=float, default=0.0)
+    parser.add_argument("--p-stall", type=float, default=0.0)
+    parser.add_argument("--stall-seconds", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resend-key", default=DEFAULT_RESEND_KEY)
+    parser.add_argument("--postmark-token", default=DEFAULT_POSTMARK_TOKEN)
+    args = parser.parse_args(argv)
+
+    server = FakeProviderServer(
+        args.host,
+        args.port,
+        resend_api_key=args.resend_key,
+        postmark_token=args.postmark_token,
+        latency_ms=args.latency_ms,
+    ).start()
+    server.set_faults(
+        "all",
+        p_5xx=args.p_5xx,
+        p_429=args.p_429,
+        p_stall=args.p_stall,
+        seed=args.seed,
+        stall_seconds=args.stall_seconds,
+    )
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    print(server.url, flush=True)
+    done.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The `capsule` command line, run as a real process on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from core.models import AuditEvent, CreditEntry, Delivery, Letter, ReconcilerRun
+from core.policy import utcnow
+
+BIN = Path(sys.executable).parent
+
+
+class Cli:
+    def __init__(self, var: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.var = var
+        self.env = (
+            {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+            | {"CAPSULE_VAR_DIR": str(var)}
+            | (extra_env or {})
+        )
+
+    def __call__(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "capsule"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=60,
+        )
+
+    def ok(self, *args: str) -> str:
+        done = self(*args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def counts(self) -> tuple[int, ...]:
+        engine = create_engine(f"sqlite:///{self.var / 'capsule.db'}")
+        with engine.connect() as conn:
+            result = tuple(
+                conn.scalar(select(func.count()).select_from(m)) or 0
+                for m in (Delivery, Letter, CreditEntry, AuditEvent)
+            )
+        engine.dispose()
+        return result
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "var")
+    cli.ok("keys", "generate", "--if-missing")
+    cli.ok("db", "upgrade")
+    cli.ok("user", "add", "ada@example.com", "--name", "Ada", "--credits", "2")
+    return cli
+
+
+def test_schedule_then_status_prints_json_without_the_letter(cli: Cli) -> None:
+    out = cli.ok(
+        "schedule",
+        "--user",
+        "ada@example.com",
+        "--to",
+        "me@example.com",
+        "--at",
+        "+3d",
+        "--subject",
+        "Secret subject",
+        "--body",
+        "Secret body",
+    )
+    delivery_id = uuid.UUID(out.strip())
+
+    status = json.loads(cli.ok("status", str(delivery_id)))
+
+    assert status["id"] == str(delivery_id) and status["status"] == "scheduled"
+    assert status["attempts"] == [] and status["task_id"] is None  # beyond the horizon
+    assert "Secret" not in json.dumps(status)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "nope", "--at", "+1d"], "is not a valid email address"),
+        (["--to", "me@example.com", "--at", "2001-01-01T00:00:00Z"], "is not in the future"),
+        (["--to", "me@example.com", "--at", "+30000d"], "years ahead"),
+        (["--to", "me@example.com", "--at", "someday"], "cannot read 'someday'"),
+        (
+            ["--to", "me@example.com", "--at", "+1d", "--user", "nobody@example.com"],
+            "user nobody@example.com not found",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_one_readable_line_and_writes_nothing(
+    cli: Cli, args: list[str], message: str
+) -> None:
+    before = cli.counts()
+    base = {"--user": "ada@example.com", "--subject": "Hi", "--body": "text"}
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    argv = [x for k, v in ({**base, **pairs}).items() for x in (k, v)]
+
+    done = cli("schedule", *argv)
+
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capsule: error:") and message in lines[0]
+    assert cli.counts() == before
+
+
+def test_oversized_letter_and_no_credit(cli: Cli) -> None:
+    before = cli.counts()
+    big = cli(
+        "schedule",
+        "--user",
+        "ada@example.com",
+        "--to",
+        "me@example.com",
+        "--at",
+        "+1d",
+        "--subject",
+        "Hi",
+        input="x" * 300_000,
+    )
+    assert big.returncode == 2 and "the limit is 262144" in big.stderr
+    assert cli.counts() == before
+
+    for _ in range(2):
+        cli.ok(
+            "schedule",
+            "--user",
+            "ada@example.com",
+            "--to",
+            "me@example.com",
+            "--at",
+            "+1d",
+            "--subject",
+            "Hi",
+            "--body",
+            "b",
+        )
+    before = cli.counts()
+    broke = cli(
+        "schedule",
+        "--user",
+        "ada@example.com",
+        "--to",
+        "me@example.com",
+        "--at",
+        "+1d",
+        "--subject",
+        "Hi",
+        "--body",
+        "b",
+    )
+    assert broke.returncode == 2 and "no delivery credit left" in broke.stderr
+    assert cli.counts() == before
+
+
+def test_unknown_delivery_and_invalid_transition(cli: Cli) -> None:
+    missing = cli("status", str(uuid.uuid4()))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    garbage = cli("cancel", "not-a-uuid", "--reason", "x")
+    assert garbage.returncode == 2 and "delivery not-a-uuid not found" in garbage.stderr
+
+    delivery_id = cli.ok(
+        "schedule",
+        "--user",
+        "ada@example.com",
+        "--to",
+        "me@example.com",
+        "--at",
+        "+1d",
+        "--subject",
+        "Hi",
+        "--body",
+        "b",
+    ).strip()
+    cli.ok("cancel", delivery_id, "--reason", "changed my mind")
+    before = cli.counts()
+    again = cli("requeue", delivery_id, "--reason", "x")
+    assert (
+        again.returncode == 2
+        and f"cannot requeue delivery {delivery_id}: it is canceled" in again.stderr
+    )
+    assert cli.counts() == before
+
+
+def test_invalid_setting_fails_at_start_naming_the_variable(cli: Cli) -> None:
+    cli.env["CAPSULE_LEASE_SECONDS"] = "soon"
+    done = cli("status", str(uuid.uuid4()))
+    assert done.returncode != 0 and "CAPSULE_LEASE_SECONDS" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["db", "upgrade"],
+        ["keys", "generate"],
+        ["keys", "rotate"],
+        ["demo"],
+        ["schedule"],
+        ["status"],
+        ["cancel"],
+        ["requeue"],
+        ["reschedule"],
+        ["reconcile"],
+        ["health"],
+        ["user", "add"],
+    ],
+)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from tasks.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0 and "usage: capsule" in capsys.readouterr().out
+
+
+def test_health_exit_codes(cli: Cli) -> None:
+    # No backstop run yet: unhealthy
+    first = cli("health")
+    assert first.returncode == 1 and "no successful backstop run" in first.stdout
+
+    # A reconcile run makes it healthy
+    cli.ok("reconcile")
+    healthy = cli("health")
+    assert healthy.returncode == 0, healthy.stdout
+    assert json.loads(healthy.stdout)["ok"] is True
+
+    # An old last run makes it unhealthy again
+    engine = create_engine(f"sqlite:///{cli.var / 'capsule.db'}")
+    with engine.begin() as conn:
+        conn.execute(
+            ReconcilerRun.__table__.update().values(finished_at=utcnow() - timedelta(hours=1))
+        )
+    engine.dispose()
+    stale = cli("health")
+    assert stale.returncode == 1 and "old" in json.loads(stale.stdout)["problems"][0]
+
+
+def test_key_rotation_reencrypts_every_letter(cli: Cli) -> None:
+    cli.ok(
+        "schedule",
+        "--user",
+        "ada@example.com",
+        "--to",
+        "me@example.com",
+        "--at",
+        "+1d",
+        "--subject",
+        "Hi",
+        "--body",
+        "b",
+    )
+    cli.ok("keys", "generate", "--id", "k2")
+    assert "re-encrypted 1 letters under key k2" in cli.ok("keys", "rotate")
+    assert "re-encrypted 0 letters" in cli.ok("keys", "rotate")
+    duplicate = cli("keys", "generate", "--id", "k2")
+    assert duplicate.returncode == 2 and "appears twice" in duplicate.stderr
+
+
+def test_demo_seeds_once(cli: Cli) -> None:
+    assert "seeded demo" in cli.ok("demo", "--count", "200")
+    assert "already present" in cli.ok("demo")

@@ -1,0 +1,374 @@
+"""Real `huey_consumer` processes on PostgreSQL + Redis (and one on the embedded default):
+racing twins, SIGKILLs, a flushed broker, two consumers sharing the periodic work.
+
+The slow tests run for one to four minutes of wall time because Huey's periodic tasks fire on
+minute boundaries; they measure, they do not sleep to fake time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, func, select
+
+from core.bootstrap import App, build_app
+from core.config import Settings
+from core.db import session_scope
+from core.deliveries import create_user, schedule_delivery
+from core.models import Delivery, ReconcilerRun, Status
+from core.policy import utcnow
+from core.reconcile import run_backstop
+from core.worker import run_delivery
+from huey_app import make_huey
+from tasks.runtime import HueyEnqueuer
+from tests.conftest import KEY_ENTRY, truncate_all
+from tests.fakes.provider_server import FakeProviderServer
+from tests.harness import Consumer, System, wait_for
+
+
+@dataclass
+class Live:
+    system: System
+    app: App
+    server: FakeProviderServer
+    redis: redis.Redis
+    prefix: str
+    consumers: list[Consumer] = field(default_factory=list)
+    user_id: int = 0
+
+    def consumer(self, **kwargs: object) -> Consumer:
+        consumer = Consumer(self.system, **kwargs).start()  # type: ignore[arg-type]
+        self.consumers.append(consumer)
+        return consumer
+
+    def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
+        now = now or utcnow()
+        return schedule_delivery(
+            self.app.session_factory,
+            self.app.enqueuer,
+            self.app.keyring,
+            self.app.settings,
+            user_id=self.user_id,
+            recipient="future@example.com",
+            subject="To me",
+            body=f"Dear future me {uuid.uuid4()}",
+            deliver_at=at,
+            now=now,
+            actor="owner@example.com",
+        ).delivery_id
+
+    def rows(self) -> list[Delivery]:
+        with session_scope(self.app.session_factory) as session:
+            return list(session.scalars(select(Delivery)))
+
+    def count(self, status: str) -> int:
+        with session_scope(self.app.session_factory) as session:
+            return int(
+                session.scalar(
+                    select(func.count()).select_from(Delivery).where(Delivery.status == status)
+                )
+                or 0
+            )
+
+    def wipe_broker(self) -> int:
+        """Lose everything the broker held for this system (our keys only)."""
+        keys = list(self.redis.scan_iter(match=f"*{self.prefix}*", count=1000))
+        if keys:
+            self.redis.delete(*keys)
+        return len(keys)
+
+    def assert_each_sent_once(self) -> None:
+        per_key = self.server.stats()["per_key"] if "per_key" in self.server.stats() else None
+        keys = [r.idempotency_key for r in self.rows()]
+        counts = {k: self.server.count_for_key(k) for k in keys}
+        duplicates = {k: c for k, c in counts.items() if c > 1}
+        missing = [k for k, c in counts.items() if c == 0]
+        assert not duplicates, f"sent more than once: {duplicates}"
+        assert not missing, f"never sent: {len(missing)}"
+        del per_key
+
+
+def provider_env(server: FakeProviderServer, **extra: str) -> dict[str, str]:
+    return {
+        "CAPSULE_PROVIDERS": "resend,postmark",
+        "CAPSULE_RESEND_API_KEY": server.resend_api_key,
+        "CAPSULE_RESEND_BASE_URL": server.url,
+        "CAPSULE_POSTMARK_SERVER_TOKEN": server.postmark_token,
+        "CAPSULE_POSTMARK_BASE_URL": server.url,
+        "CAPSULE_PROVIDER_RATE_PER_SECOND": "1000",
+        "CAPSULE_CIRCUIT_FAILURE_THRESHOLD": "1000",
+        **extra,
+    }
+
+
+@pytest.fixture
+def live(
+    pg_database: str,
+    redis_prefix: str,
+    redis_url: str,
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    keyring,
+) -> Iterator[Live]:
+    engine = create_engine(pg_database)
+    truncate_all(engine)
+    engine.dispose()
+    system = System(
+        var_dir=tmp_path / "var",
+        database_url=pg_database,
+        key_entry=KEY_ENTRY,
+        redis_url=redis_url,
+        huey_name=redis_prefix,
+        settings=provider_env(provider_server),
+    )
+    settings = Settings.from_env(system.env)
+    app = build_app(settings, HueyEnqueuer(make_huey(settings)), keyring=keyring)
+    client = redis.Redis.from_url(redis_url)
+    world = Live(system, app, provider_server, client, redis_prefix)
+    with session_scope(app.session_factory) as session:
+        world.user_id = create_user(session, "owner@example.com", "Owner", utcnow(), 100_000).id
+        session.commit()
+    yield world
+    for consumer in world.consumers:
+        consumer.kill()
+    app.engine.dispose()
+    client.close()
+
+
+def reconfigure(live: Live, **env: str) -> None:
+    live.system.settings.update(env)
+    live.app.settings = Settings.from_env(live.system.env)
+
+
+# ---------------------------------------------------------------- exactly once
+
+
+def test_two_consumer_processes_with_duplicate_tasks_send_each_letter_once(live: Live) -> None:
+    # Given two consumers and 30 letters due in two seconds, each with three extra twin tasks
+    live.consumer()
+    live.consumer()
+    due = utcnow() + timedelta(seconds=2)
+    ids = [live.schedule(due) for _ in range(30)]
+    for delivery_id in ids:
+        for _ in range(3):
+            live.app.enqueuer.enqueue(delivery_id, due)
+
+    # When they have run
+    wait_for(lambda: live.count(Status.SENT) == 30, timeout=60, what="30 sent")
+
+    # Then every letter reached the provider exactly once
+    live.assert_each_sent_once()
+    assert len(live.server.messages()) == 30
+
+
+@pytest.mark.parametrize("provider", ["resend", "postmark"])
+def test_consumer_killed_after_claim_before_record_sends_no_second_message_on_recovery(
+    live: Live, provider: str
+) -> None:
+    # Given a provider that accepts and then stalls for 6 s, and a client that waits 20 s
+    reconfigure(
+        live,
+        CAPSULE_PROVIDERS=provider,
+        CAPSULE_PROVIDER_READ_TIMEOUT="20",
+        CAPSULE_LEASE_SECONDS="60",
+    )
+    live.server.set_faults(provider, ["stall:6"])
+    consumer = live.consumer(workers=1)
+    delivery_id = live.schedule(utcnow() + timedelta(seconds=1))
+
+    # When the consumer is SIGKILLed after the provider stored the message, before the outcome
+    wait_for(
+        lambda: len(live.server.messages()) == 1, timeout=30, what="message stored at the provider"
+    )
+    consumer.kill()
+
+    # Then the row stays processing under its lease
+    [stuck] = live.rows()
+    assert stuck.status == Status.PROCESSING and stuck.lease_until is not None
+    assert stuck.lease_until > utcnow()
+
+    # When the lease has expired (clock moved forward) and the backstop recovers and re-runs it
+    later = stuck.lease_until + timedelta(seconds=1)
+    time.sleep(6.5)  # the fake provider's stall (server side) must end first
+    report = run_backstop(live.app, now=later)
+    assert report.recovered == 1
+    assert run_delivery(live.app, delivery_id, "rerun", clock=lambda: later) == Status.SENT
+
+    # Then no second message exists: Resend deduplicated the key, Postmark was looked up
+    assert len(live.server.messages()) == 1
+    assert live.server.count_for_key(stuck.idempotency_key) == 1
+
+
+def test_embedded_default_consumer_delivers_to_the_outbox(tmp_path: Path) -> None:
+    # The `make run` shape: SQLite + SqliteHuey + file outbox, no services
+    system = System(var_dir=tmp_path / "var", database_url="", key_entry=KEY_ENTRY)
+    system.settings = {"CAPSULE_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'capsule.db'}"}
+    assert system.capsule("db", "upgrade").returncode == 0
+    assert system.capsule("user", "add", "me@example.com", "--credits", "1").returncode == 0
+    consumer = Consumer(system, workers=2).start()
+    try:
+        scheduled = system.capsule(
+            "schedule",
+            "--user",
+            "me@example.com",
+            "--to",
+            "future@example.com",
+            "--at",
+            "+3s",
+            "--subject",
+            "Hi",
+            "--body",
+            "Dear future me",
+        )
+        assert scheduled.returncode == 0, scheduled.stderr
+        delivery_id = scheduled.stdout.strip()
+        outbox = tmp_path / "var" / "outbox"
+        wait_for(lambda: any(outbox.glob("*.eml")), timeout=30, what="an .eml in the outbox")
+        wait_for(
+            lambda: '"status": "sent"' in system.capsule("status", delivery_id).stdout,
+            timeout=15,
+            what="sent status",
+        )
+    finally:
+        consumer.stop()
+    [eml] = list(outbox.glob("*.eml"))
+    assert "Dear future me" in eml.read_text()
+
+
+# ---------------------------------------------------------------- safety nets, real time
+
+
+@pytest.mark.slow
+def test_broker_flushed_with_500_due_all_sent_once_within_two_minutes(live: Live) -> None:
+    # Given a running consumer and 500 letters due over the next 30 s, all dispatched
+    live.consumer()
+    start = utcnow()
+    due = {
+        live.schedule(start + timedelta(seconds=5 + i * 25 / 500)): start
+        + timedelta(seconds=5 + i * 25 / 500)
+        for i in range(500)
+    }
+    assert len(live.rows()) == 500
+
+    # When the broker loses everything
+    assert live.wipe_broker() > 0
+
+    # Then every letter is sent, exactly once, within two minutes of its due time
+    wait_for(lambda: live.count(Status.SENT) == 500, timeout=180, interval=1, what="500 sent")
+    live.assert_each_sent_once()
+    lateness = [(row.sent_at - due[row.id]).total_seconds() for row in live.rows()]
+    assert max(lateness) < 120, f"latest {max(lateness):.1f} s"
+
+
+@pytest.mark.slow
+def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live: Live) -> None:
+    reconfigure(live, CAPSULE_LEASE_SECONDS="20", CAPSULE_GRACE_SECONDS="10")
+    live.server.set_faults("all", latency_ms=20)
+    consumer = live.consumer(workers=4)
+    due = utcnow() + timedelta(seconds=3)
+    for _ in range(400):
+        live.schedule(due)
+
+    wait_for(lambda: live.count(Status.SENT) >= 40, timeout=60, interval=0.05, what="first sends")
+    consumer.kill()
+    in_flight = live.count(Status.PROCESSING)
+    live.consumer(workers=4)
+
+    wait_for(lambda: live.count(Status.SENT) == 400, timeout=200, interval=1, what="all 400 sent")
+    live.assert_each_sent_once()
+    assert len(live.server.messages()) == 400
+    print(f"processing when killed: {in_flight}")
+
+
+@pytest.mark.slow
+def test_two_consumers_share_one_backstop_run_per_minute_and_survive_losing_the_runner(
+    live: Live,
+) -> None:
+    first, second = live.consumer(), live.consumer()
+    by_pid = {str(first.process.pid): first, str(second.process.pid): second}  # type: ignore[union-attr]
+
+    def backstop_runs() -> list[ReconcilerRun]:
+        with session_scope(live.app.session_factory) as session:
+            return list(
+                session.scalars(
+                    select(ReconcilerRun)
+                    .where(ReconcilerRun.kind == "backstop")
+                    .order_by(ReconcilerRun.slot)
+                )
+            )
+
+    # Three minutes with both consumers running
+    wait_for(lambda: len(backstop_runs()) >= 3, timeout=200, interval=1, what="three backstop runs")
+    runs = backstop_runs()
+    slots = [r.slot for r in runs]
+    assert len(slots) == len(set(slots)), "a slot ran twice"
+    assert all(b - a == timedelta(minutes=1) for a, b in zip(slots, slots[1:], strict=False)), slots
+    assert all(r.ok for r in runs)
+
+    # Kill the consumer that ran the latest backstop; the other takes the next slot
+    holder_pid = runs[-1].runner.rsplit(":", 1)[1]
+    killed_at = utcnow()
+    by_pid[holder_pid].kill()
+    survivor_pid = next(pid for pid in by_pid if pid != holder_pid)
+    wait_for(
+        lambda: any(r.started_at > killed_at for r in backstop_runs()),
+        timeout=75,
+        interval=1,
+        what="a run after the kill",
+    )
+    after = [r for r in backstop_runs() if r.started_at > killed_at]
+    assert after[0].runner.endswith(f":{survivor_pid}")
+    assert after[0].started_at - killed_at < timedelta(seconds=70)
+
+
+# ---------------------------------------------------------------- horizon and the far future
+
+
+def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_rotation_and_wipe(
+    live: Live,
+) -> None:
+    now = utcnow()
+    far = now + timedelta(days=365 * 20)
+    queue = live.app.enqueuer.queue  # type: ignore[attr-defined]
+
+    # Scheduling puts nothing in Redis; neither do the safety nets today
+    delivery_id = live.schedule(far, now=now)
+    from core.reconcile import run_dispatcher
+
+    run_dispatcher(live.app, now=now)
+    assert queue.scheduled_count() == 0 and queue.pending_count() == 0
+    assert live.wipe_broker() <= 1  # at most the dispatcher's marker
+
+    # Twenty years later, minus half an hour: the key was rotated meanwhile
+    from core.crypto import Keyring, generate_key_entry, rotate_letters
+
+    rotated = Keyring.parse(KEY_ENTRY + "," + generate_key_entry("k2037"))
+    live.app._keyring = rotated
+    assert rotate_letters(live.app.session_factory, rotated) == 1
+    then = far - timedelta(minutes=30)
+    first = run_dispatcher(live.app, now=then)
+    assert first.requeued == 1 and queue.pending_count() == 1
+    first_task = live.rows()[0].task_id
+
+    # Redis is wiped; the dispatcher sees its marker gone and dispatches again
+    live.wipe_broker()
+    second = run_dispatcher(live.app, now=then + timedelta(minutes=1))
+    assert second.recovered == 1 and second.requeued == 1
+    second_task = live.rows()[0].task_id
+    assert second_task != first_task
+
+    # Both tasks wake at the due time (say the first survived somewhere): one message
+    at = far + timedelta(seconds=1)
+    results = [
+        run_delivery(live.app, delivery_id, t, clock=lambda: at) for t in (first_task, second_task)
+    ]
+    assert results == [Status.SENT, None]
+    [message] = live.server.messages()
+    assert message.text.startswith("Dear future me")

@@ -1,0 +1,62 @@
+"""Settings come from CAPSULE_* variables once; a bad value names its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.config import SETTINGS_DOC, Settings
+from core.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_mode() -> None:
+    settings = Settings.from_env({})
+    assert settings.is_embedded and settings.database_kind == "sqlite"
+    assert settings.resolved_database_url == "sqlite:///var/capsule.db"
+    assert settings.providers == ("outbox",)
+    assert settings.dispatch_horizon_seconds == 3600
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "CAPSULE_DATABASE_URL": "postgresql://u@h/db",
+            "CAPSULE_REDIS_URL": "redis://localhost:6379/0",
+            "CAPSULE_PROVIDERS": "resend, postmark",
+            "CAPSULE_RESEND_API_KEY": "re_x",
+            "CAPSULE_POSTMARK_SERVER_TOKEN": "pm",
+            "CAPSULE_SMTP_STARTTLS": "yes",
+            "CAPSULE_BACKOFF_BASE_SECONDS": "2.5",
+        }
+    )
+    assert settings.providers == ("resend", "postmark")
+    assert settings.smtp_starttls and settings.backoff_base_seconds == 2.5
+    assert not settings.is_embedded
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"CAPSULE_LEASE_SECONDS": "ten"}, "CAPSULE_LEASE_SECONDS"),
+        ({"CAPSULE_LEASE_SECONDS": "0"}, "CAPSULE_LEASE_SECONDS"),
+        ({"CAPSULE_SMTP_STARTTLS": "maybe"}, "CAPSULE_SMTP_STARTTLS"),
+        ({"CAPSULE_PROVIDERS": "pigeon"}, "CAPSULE_PROVIDERS"),
+        ({"CAPSULE_PROVIDERS": "resend"}, "CAPSULE_RESEND_API_KEY"),
+        ({"CAPSULE_DATABASE_URL": "mysql://x"}, "CAPSULE_DATABASE_URL"),
+        ({"CAPSULE_REDIS_URL": "localhost:6379"}, "CAPSULE_REDIS_URL"),
+        ({"CAPSULE_DEMO_MODE": "true", "CAPSULE_REDIS_URL": "redis://x"}, "CAPSULE_DEMO_MODE"),
+        ({"CAPSULE_BACKOFF_MAX_SECONDS": "1e"}, "CAPSULE_BACKOFF_MAX_SECONDS"),
+    ],
+)
+def test_invalid_values_fail_naming_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.variable == variable and str(caught.value).startswith(variable)
+
+
+def test_repr_hides_secrets_and_every_variable_is_documented() -> None:
+    settings = Settings.from_env(
+        {"CAPSULE_SMTP_PASSWORD": "hunter2", "CAPSULE_ENCRYPTION_KEYS": "k:abc"}
+    )
+    assert "hunter2" not in repr(settings) and "abc" not in repr(settings)
+    assert all(doc for _, doc in SETTINGS_DOC.values())
+    assert len(SETTINGS_DOC) == len(Settings.__dataclass_fields__)
