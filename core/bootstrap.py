@@ -39,9 +39,18 @@ class App:
 
     @cached_property
     def chain(self) -> ProviderChain:
+        from core.alerts import CIRCUIT_OPEN, Alerter
+        from core.policy import utcnow
         from core.providers import build_chain
 
-        return build_chain(self.settings, self.session_factory, redis_client=self.redis_client)
+        alerter = Alerter(self.settings, self.session_factory)
+
+        def on_open(provider: str, message: str) -> None:
+            alerter.alert(CIRCUIT_OPEN, f"{provider} circuit opened: {message}", now=utcnow())
+
+        return build_chain(
+            self.settings, self.session_factory, redis_client=self.redis_client, on_open=on_open
+        )
 
 
 def build_app(

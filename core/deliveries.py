@@ -351,6 +351,7 @@ class Claim:
     letter_id: uuid.UUID
     user_id: int
     pinned_provider: str | None
+    error_class: str | None  # of the previous run; "lease_expired" means its outcome is unknown
 
 
 def claim(
@@ -390,12 +391,24 @@ def claim(
             Delivery.letter_id,
             Delivery.user_id,
             Delivery.pinned_provider,
+            Delivery.error_class,
         )
     )
     row = result.one_or_none()
     if row is None:
         return None
-    return Claim(delivery_id, task_id, *row)
+    return Claim(
+        delivery_id,
+        task_id,
+        run_number=row.attempt_count,
+        round_attempts=row.round_attempts,
+        idempotency_key=row.idempotency_key,
+        recipient_email=row.recipient_email,
+        letter_id=row.letter_id,
+        user_id=row.user_id,
+        pinned_provider=row.pinned_provider,
+        error_class=row.error_class,
+    )
 
 
 RETRYABLE = {ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED}

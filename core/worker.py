@@ -61,7 +61,12 @@ def _send(app: App, claimed: Claim, letter: Letter, clock: Clock) -> Outcome:
         idempotency_key=claimed.idempotency_key,
         tags={"delivery_id": str(claimed.delivery_id), "kind": "letter"},
     )
-    return app.chain.send(email, pinned=claimed.pinned_provider, now=clock())
+    return app.chain.send(
+        email,
+        pinned=claimed.pinned_provider,
+        look_first=claimed.error_class == ErrorClass.LEASE_EXPIRED,
+        now=clock(),
+    )
 
 
 def _record(app: App, claimed: Claim, outcome: Outcome, now: datetime) -> Recorded:

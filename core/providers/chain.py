@@ -131,12 +131,30 @@ class ProviderChain:
         return [p.name for p in self.providers]
 
     def send(
-        self, email: Email, *, pinned: str | None = None, now: datetime, clock: Clock = utcnow
+        self,
+        email: Email,
+        *,
+        pinned: str | None = None,
+        look_first: bool = False,
+        now: datetime,
+        clock: Clock = utcnow,
     ) -> Outcome:
-        """Send `email`; the Outcome says sent, or why not and whether the next run is pinned."""
+        """Send `email`; the Outcome says sent, or why not and whether the next run is pinned.
+
+        `look_first`: an earlier run died mid-send (its lease expired), so any provider may
+        already hold the message. Every provider that can be asked is asked before anything
+        is sent anywhere; one that cannot answer pins the delivery to itself.
+        """
         run = _Run(email, now, clock, self._max_wait)
         if pinned is not None:
             return self._send_pinned(pinned, run)
+        if look_first:
+            for provider in self.providers:
+                found = self._lookup(provider, run)
+                if isinstance(found, Accepted):
+                    return run.sent(found)
+                if found is not None:
+                    return run.failed(found.error_class, pinned=provider.name)
         for provider in self.providers:
             result: Accepted | ProviderError | None = self._gate(provider, run)
             if result is None:
