@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from core import credits, demo
 from core.bootstrap import App
@@ -281,6 +282,44 @@ def _settings() -> Any:
     return Settings.from_env()
 
 
+def _read_password() -> str:
+    """The new password: the first line of stdin when piped, else typed twice at a prompt."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise CapsuleError("the two passwords differ")
+    return first
+
+
+def cmd_operator_add(args: argparse.Namespace) -> int:
+    import os
+    import re
+    from pathlib import Path
+
+    from core.operators import hash_password, parse_role, secrets_entry, validate_username
+
+    username = validate_username(args.username)
+    role = parse_role(args.role)
+    entry = secrets_entry(username, role, hash_password(_read_password()), name=args.name or "")
+    if not args.secrets:
+        print(entry, end="")
+        return 0
+    path = Path(args.secrets)
+    existing = path.read_text() if path.exists() else ""
+    header = entry.splitlines()[0]
+    if re.search(rf"^\s*{re.escape(header)}\s*$", existing, flags=re.MULTILINE):
+        raise CapsuleError(f"{path} already has {header}: remove it first to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(("\n" if existing and not existing.endswith("\n\n") else "") + entry)
+    os.chmod(path, 0o600)
+    print(f"added operator {username} ({role.value}) to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capsule", description="Capsule delivery: letters to one's future self."
@@ -362,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", required=True)
     p.add_argument("--reason", default=None)
     p.add_argument("--actor")
+
+    operator = sub.add_parser("operator", help="console operators").add_subparsers(
+        dest="operator_command", required=True, metavar="COMMAND"
+    )
+    p = add(
+        "add",
+        cmd_operator_add,
+        "make a local console account: reads the password from stdin or a prompt and prints "
+        "the [operators.NAME] table for .streamlit/secrets.toml",
+        operator,
+    )
+    p.add_argument("username")
+    p.add_argument("--role", required=True, choices=["viewer", "support", "ops"])
+    p.add_argument("--name", default="", help="display name")
+    p.add_argument("--secrets", metavar="PATH", help="append the table to this secrets file")
     return parser
 
 
@@ -372,6 +426,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CapsuleError as exc:
         print(f"capsule: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except DBAPIError as exc:
+        print(f"capsule: error: {_database_problem(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _database_problem(exc: DBAPIError) -> str:
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    if "no such table" in text or "does not exist" in text and "relation" in text:
+        return f"the database schema is missing or old ({text}): run `capsule db upgrade`"
+    return f"database unavailable: {text}"
 
 
 if __name__ == "__main__":

@@ -270,3 +270,16 @@ def test_key_rotation_reencrypts_every_letter(cli: Cli) -> None:
 def test_demo_seeds_once(cli: Cli) -> None:
     assert "seeded demo" in cli.ok("demo", "--count", "200")
     assert "already present" in cli.ok("demo")
+
+
+def test_missing_schema_and_unreachable_database_are_one_line_errors(tmp_path: Path) -> None:
+    fresh = Cli(tmp_path / "fresh")
+    fresh.ok("keys", "generate")
+    missing = fresh("health")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "run `capsule db upgrade`" in missing.stderr
+
+    fresh.env["CAPSULE_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/nothing"
+    down = fresh("health")
+    assert down.returncode == 2 and down.stderr.startswith("capsule: error: database unavailable:")
+    assert down.stderr.count("\n") == 1
