@@ -11,6 +11,7 @@ Transport errors split on one question: could the provider have received the who
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -42,6 +43,20 @@ def transport_error(provider: str, exc: httpx.TransportError) -> ProviderError:
     if isinstance(exc, NOT_SENT):
         return TransientProviderError(provider, detail, error_code=type(exc).__name__)
     return AmbiguousProviderError(provider, detail, error_code=type(exc).__name__)
+
+
+def translate(
+    provider: str, exc: Exception, from_response: Callable[[httpx.Response], ProviderError]
+) -> ProviderError:
+    """Every way an HTTP provider call can fail, as one of our provider errors."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return from_response(exc.response)
+    if isinstance(exc, httpx.TransportError):
+        return transport_error(provider, exc)
+    if isinstance(exc, httpx.InvalidURL):
+        return TransientProviderError(provider, f"invalid URL: {exc}", error_code="invalid_url")
+    # A success status whose body carries no message id: it may well have been sent.
+    return AmbiguousProviderError(provider, short(f"unreadable success answer: {exc!r}"))
 
 
 def retry_after(response: httpx.Response) -> float | None:

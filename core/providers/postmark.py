@@ -114,14 +114,7 @@ def payload(email: Email, stream: str) -> dict[str, Any]:
 
 def _translate(exc: Exception) -> ProviderError:
     """Every way a Postmark call can fail, as one of our provider errors."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return _from_response(exc.response)
-    if isinstance(exc, httpx.TransportError):
-        return http.transport_error(NAME, exc)
-    if isinstance(exc, httpx.InvalidURL):
-        return TransientProviderError(NAME, f"invalid URL: {exc}", error_code="invalid_url")
-    # A success status whose body carries no MessageID: it may well have been sent.
-    return AmbiguousProviderError(NAME, http.short(f"unreadable success answer: {exc!r}"))
+    return http.translate(NAME, exc, _from_response)
 
 
 def _from_response(response: httpx.Response) -> ProviderError:

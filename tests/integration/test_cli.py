@@ -38,6 +38,23 @@ class Cli:
             timeout=60,
         )
 
+    def schedule(
+        self, *, input: str | None = None, **overrides: str
+    ) -> subprocess.CompletedProcess[str]:
+        """`capsule schedule` with valid defaults; `overrides` replace options by name."""
+        options = {
+            "user": "ada@example.com",
+            "to": "me@example.com",
+            "at": "+1d",
+            "subject": "Hi",
+            "body": "b",
+        }
+        options.update(overrides)
+        argv = [
+            x for key, value in options.items() if value is not None for x in (f"--{key}", value)
+        ]
+        return self("schedule", *argv, input=input)
+
     def ok(self, *args: str) -> str:
         done = self(*args)
         assert done.returncode == 0, done.stderr
@@ -64,20 +81,8 @@ def cli(tmp_path: Path) -> Cli:
 
 
 def test_schedule_then_status_prints_json_without_the_letter(cli: Cli) -> None:
-    out = cli.ok(
-        "schedule",
-        "--user",
-        "ada@example.com",
-        "--to",
-        "me@example.com",
-        "--at",
-        "+3d",
-        "--subject",
-        "Secret subject",
-        "--body",
-        "Secret body",
-    )
-    delivery_id = uuid.UUID(out.strip())
+    done = cli.schedule(at="+3d", subject="Secret subject", body="Secret body")
+    delivery_id = uuid.UUID(done.stdout.strip())
 
     status = json.loads(cli.ok("status", str(delivery_id)))
 
@@ -87,27 +92,21 @@ def test_schedule_then_status_prints_json_without_the_letter(cli: Cli) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("overrides", "message"),
     [
-        (["--to", "nope", "--at", "+1d"], "is not a valid email address"),
-        (["--to", "me@example.com", "--at", "2001-01-01T00:00:00Z"], "is not in the future"),
-        (["--to", "me@example.com", "--at", "+30000d"], "years ahead"),
-        (["--to", "me@example.com", "--at", "someday"], "cannot read 'someday'"),
-        (
-            ["--to", "me@example.com", "--at", "+1d", "--user", "nobody@example.com"],
-            "user nobody@example.com not found",
-        ),
+        ({"to": "nope"}, "is not a valid email address"),
+        ({"at": "2001-01-01T00:00:00Z"}, "is not in the future"),
+        ({"at": "+30000d"}, "years ahead"),
+        ({"at": "someday"}, "cannot read 'someday'"),
+        ({"user": "nobody@example.com"}, "user nobody@example.com not found"),
     ],
 )
 def test_bad_input_exits_2_with_one_readable_line_and_writes_nothing(
-    cli: Cli, args: list[str], message: str
+    cli: Cli, overrides: dict[str, str], message: str
 ) -> None:
     before = cli.counts()
-    base = {"--user": "ada@example.com", "--subject": "Hi", "--body": "text"}
-    pairs = dict(zip(args[::2], args[1::2], strict=True))
-    argv = [x for k, v in ({**base, **pairs}).items() for x in (k, v)]
 
-    done = cli("schedule", *argv)
+    done = cli.schedule(**overrides)
 
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -117,49 +116,14 @@ def test_bad_input_exits_2_with_one_readable_line_and_writes_nothing(
 
 def test_oversized_letter_and_no_credit(cli: Cli) -> None:
     before = cli.counts()
-    big = cli(
-        "schedule",
-        "--user",
-        "ada@example.com",
-        "--to",
-        "me@example.com",
-        "--at",
-        "+1d",
-        "--subject",
-        "Hi",
-        input="x" * 300_000,
-    )
+    big = cli.schedule(body=None, input="x" * 300_000)
     assert big.returncode == 2 and "the limit is 262144" in big.stderr
     assert cli.counts() == before
 
     for _ in range(2):
-        cli.ok(
-            "schedule",
-            "--user",
-            "ada@example.com",
-            "--to",
-            "me@example.com",
-            "--at",
-            "+1d",
-            "--subject",
-            "Hi",
-            "--body",
-            "b",
-        )
+        assert cli.schedule().returncode == 0
     before = cli.counts()
-    broke = cli(
-        "schedule",
-        "--user",
-        "ada@example.com",
-        "--to",
-        "me@example.com",
-        "--at",
-        "+1d",
-        "--subject",
-        "Hi",
-        "--body",
-        "b",
-    )
+    broke = cli.schedule()
     assert broke.returncode == 2 and "no delivery credit left" in broke.stderr
     assert cli.counts() == before
 
@@ -170,19 +134,7 @@ def test_unknown_delivery_and_invalid_transition(cli: Cli) -> None:
     garbage = cli("cancel", "not-a-uuid", "--reason", "x")
     assert garbage.returncode == 2 and "delivery not-a-uuid not found" in garbage.stderr
 
-    delivery_id = cli.ok(
-        "schedule",
-        "--user",
-        "ada@example.com",
-        "--to",
-        "me@example.com",
-        "--at",
-        "+1d",
-        "--subject",
-        "Hi",
-        "--body",
-        "b",
-    ).strip()
+    delivery_id = cli.schedule().stdout.strip()
     cli.ok("cancel", delivery_id, "--reason", "changed my mind")
     before = cli.counts()
     again = cli("requeue", delivery_id, "--reason", "x")
@@ -247,19 +199,7 @@ def test_health_exit_codes(cli: Cli) -> None:
 
 
 def test_key_rotation_reencrypts_every_letter(cli: Cli) -> None:
-    cli.ok(
-        "schedule",
-        "--user",
-        "ada@example.com",
-        "--to",
-        "me@example.com",
-        "--at",
-        "+1d",
-        "--subject",
-        "Hi",
-        "--body",
-        "b",
-    )
+    assert cli.schedule().returncode == 0
     cli.ok("keys", "generate", "--id", "k2")
     assert "re-encrypted 1 letters under key k2" in cli.ok("keys", "rotate")
     assert "re-encrypted 0 letters" in cli.ok("keys", "rotate")
