@@ -180,7 +180,9 @@ def _take_unclaimed(app: App, now: datetime, cutoff: datetime) -> list[uuid.UUID
                 .where(
                     Delivery.status == Status.SCHEDULED,
                     Delivery.next_attempt_at <= cutoff,
-                    or_(Delivery.dispatched_at.is_(None), Delivery.dispatched_at <= cutoff),
+                    # strict: the stamp below (now) must take a row out of this run even
+                    # when the grace period is zero
+                    or_(Delivery.dispatched_at.is_(None), Delivery.dispatched_at < cutoff),
                 )
                 .order_by(Delivery.next_attempt_at)
                 .limit(app.settings.backstop_batch_size)

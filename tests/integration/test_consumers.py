@@ -371,3 +371,41 @@ def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_
     assert results == [Status.SENT, None]
     [message] = live.server.messages()
     assert message.text.startswith("Dear future me")
+
+
+# ---------------------------------------------------------------- the backup for the backup
+
+
+def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: Live) -> None:
+    from tests.fakes.smtp_server import free_port
+
+    # Given letters that came due while the broker was down (no task was ever queued)
+    live.app.enqueuer = _DeadBroker()
+    start = utcnow()
+    ids = [live.schedule(start + timedelta(seconds=1), now=start) for _ in range(5)]
+    later = live.schedule(start + timedelta(days=3), now=start)
+    assert all(row.task_id is None for row in live.rows())
+    time.sleep(1.1)  # until they are due in real time: the CLI reads the real clock
+
+    # When the CLI runs with Redis unreachable
+    live.system.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    done = live.system.capsule("reconcile", "--inline")
+
+    # Then it delivers them in-process, each once, and leaves the future letter alone
+    assert done.returncode == 0, done.stderr
+    assert '"delivered_inline": 5' in done.stdout
+    by_id = {row.id: row for row in live.rows()}
+    assert all(by_id[i].status == Status.SENT for i in ids)
+    assert by_id[later].status == Status.SCHEDULED and by_id[later].task_id is None
+    assert sorted(live.server.count_for_key(by_id[i].idempotency_key) for i in ids) == [1] * 5
+    assert len(live.server.messages()) == 5
+
+
+class _DeadBroker(HueyEnqueuer):
+    def __init__(self) -> None:
+        pass
+
+    def enqueue(self, delivery_id: uuid.UUID, eta: datetime) -> str:
+        from core.errors import EnqueueError
+
+        raise EnqueueError(delivery_id, "connection refused")

@@ -41,7 +41,9 @@ def with_settings(app: App, **changes: object) -> App:
 # ---------------------------------------------------------------- dispatcher
 
 
-def test_dispatcher_dispatches_rows_entering_the_horizon_and_only_once(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_dispatcher_dispatches_rows_entering_the_horizon_and_only_once(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     # Given a letter a month ahead, with nothing in the broker
     result = schedule(app, make_user(app), at=LATER)
     assert enqueuer.enqueued == []
@@ -60,7 +62,9 @@ def test_dispatcher_dispatches_rows_entering_the_horizon_and_only_once(app: App,
     assert run_dispatcher(app, now=LATER - timedelta(minutes=29)).found == 0
 
 
-def test_dispatcher_picks_up_rows_whose_enqueue_failed_at_schedule_time(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_dispatcher_picks_up_rows_whose_enqueue_failed_at_schedule_time(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     enqueuer.fail = True
     result = schedule(app, make_user(app))
     enqueuer.fail = False
@@ -72,7 +76,9 @@ def test_dispatcher_picks_up_rows_whose_enqueue_failed_at_schedule_time(app: App
     assert row(app, result.delivery_id).task_id == enqueuer.ids_for(result.delivery_id)[0]
 
 
-def test_dispatcher_redispatches_everything_in_the_horizon_when_the_broker_lost_its_data(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_dispatcher_redispatches_everything_in_the_horizon_when_the_broker_lost_its_data(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     # Given three letters dispatched to a broker that then loses everything (marker gone)
     user_id = make_user(app, credit=5)
     ids = [schedule(app, user_id, at=SOON + timedelta(minutes=i)).delivery_id for i in range(3)]
@@ -93,7 +99,9 @@ def test_dispatcher_redispatches_everything_in_the_horizon_when_the_broker_lost_
 # ---------------------------------------------------------------- backstop
 
 
-def test_backstop_redispatches_due_rows_unclaimed_past_grace_only(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_backstop_redispatches_due_rows_unclaimed_past_grace_only(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     result = schedule(app, make_user(app))
     first_task = result.task_id
 
@@ -112,7 +120,9 @@ def test_backstop_redispatches_due_rows_unclaimed_past_grace_only(app: App, enqu
     assert run_backstop(app, now=now + timedelta(seconds=61)).found == 1
 
 
-def test_backstop_recovers_expired_leases_with_the_same_idempotency_key(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_backstop_recovers_expired_leases_with_the_same_idempotency_key(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     result = schedule(app, make_user(app))
     key = row(app, result.delivery_id).idempotency_key
     with session_scope(app.session_factory) as session:
@@ -129,7 +139,9 @@ def test_backstop_recovers_expired_leases_with_the_same_idempotency_key(app: App
     assert stored.task_id == enqueuer.enqueued[-1][2]
 
 
-def test_backstop_with_a_dead_broker_counts_errors_and_leaves_rows_for_the_next_run(app: App, enqueuer: RecordingEnqueuer) -> None:
+def test_backstop_with_a_dead_broker_counts_errors_and_leaves_rows_for_the_next_run(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
     result = schedule(app, make_user(app))
     enqueuer.fail = True
 
@@ -156,7 +168,9 @@ def test_backstop_stops_at_its_time_budget(app: App) -> None:
 # ---------------------------------------------------------------- failed retrier
 
 
-def test_failed_retrier_requeues_old_transient_failures_never_permanent_and_honours_the_cap(app: App) -> None:
+def test_failed_retrier_requeues_old_transient_failures_never_permanent_and_honours_the_cap(
+    app: App,
+) -> None:
     user_id = make_user(app, credit=10)
     transient, permanent, capped, recent = (schedule(app, user_id).delivery_id for _ in range(4))
     for delivery_id in (transient, capped, recent):
@@ -164,9 +178,15 @@ def test_failed_retrier_requeues_old_transient_failures_never_permanent_and_hono
     fail(app, permanent, "permanent")
     with session_scope(app.session_factory) as session:
         session.execute(
-            Delivery.__table__.update().where(Delivery.id == capped).values(attempt_count=app.settings.retry_max_total_attempts)
+            Delivery.__table__.update()
+            .where(Delivery.id == capped)
+            .values(attempt_count=app.settings.retry_max_total_attempts)
         )
-        session.execute(Delivery.__table__.update().where(Delivery.id == recent).values(failed_at=SOON + timedelta(hours=2)))
+        session.execute(
+            Delivery.__table__.update()
+            .where(Delivery.id == recent)
+            .values(failed_at=SOON + timedelta(hours=2))
+        )
         session.commit()
 
     report = run_failed_retrier(app, now=SOON + timedelta(hours=25))
@@ -177,8 +197,14 @@ def test_failed_retrier_requeues_old_transient_failures_never_permanent_and_hono
     assert row(app, capped).status == Status.FAILED
     assert row(app, recent).status == Status.FAILED  # only 23 h old
     with session_scope(app.session_factory) as session:
-        event = session.scalars(select(AuditEvent).where(AuditEvent.delivery_id == transient).order_by(AuditEvent.id.desc())).first()
-    assert event is not None and event.type == "delivery.auto_retry" and event.actor == FAILED_RETRIER
+        event = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.delivery_id == transient)
+            .order_by(AuditEvent.id.desc())
+        ).first()
+    assert (
+        event is not None and event.type == "delivery.auto_retry" and event.actor == FAILED_RETRIER
+    )
 
 
 # ---------------------------------------------------------------- single runner and slots
@@ -188,23 +214,40 @@ def test_a_slot_runs_once_and_each_run_is_recorded(app: App, enqueuer: Recording
     now = SOON + timedelta(minutes=3, seconds=5)
     schedule(app, make_user(app))
 
-    first = run_safety_net(app, BACKSTOP, now=now, runner="a", slot=slot_for(BACKSTOP, now), clock=lambda: now)
-    second = run_safety_net(app, BACKSTOP, now=now + timedelta(seconds=20), runner="b", slot=slot_for(BACKSTOP, now), clock=lambda: now)
+    first = run_safety_net(
+        app, BACKSTOP, now=now, runner="a", slot=slot_for(BACKSTOP, now), clock=lambda: now
+    )
+    second = run_safety_net(
+        app,
+        BACKSTOP,
+        now=now + timedelta(seconds=20),
+        runner="b",
+        slot=slot_for(BACKSTOP, now),
+        clock=lambda: now,
+    )
 
     assert first.ran and first.requeued == 1 and not second.ran
     with session_scope(app.session_factory) as session:
         runs = session.scalars(select(ReconcilerRun)).all()
-    assert [(r.kind, r.runner, r.found, r.requeued, r.ok) for r in runs] == [(BACKSTOP, "a", 1, 1, True)]
+    assert [(r.kind, r.runner, r.found, r.requeued, r.ok) for r in runs] == [
+        (BACKSTOP, "a", 1, 1, True)
+    ]
     assert runs[0].slot == now.replace(second=0) and runs[0].finished_at == now
 
 
 def test_a_held_lock_makes_other_runners_skip(app: App) -> None:
     now = SOON
-    with single_runner(app.engine, f"safety-net-{DISPATCHER}", app.settings.var_path / "locks") as held:
+    with single_runner(
+        app.engine, f"safety-net-{DISPATCHER}", app.settings.var_path / "locks"
+    ) as held:
         assert held
-        report = run_safety_net(app, DISPATCHER, now=now, runner="b", slot=slot_for(DISPATCHER, now), clock=lambda: now)
+        report = run_safety_net(
+            app, DISPATCHER, now=now, runner="b", slot=slot_for(DISPATCHER, now), clock=lambda: now
+        )
     assert not report.ran
-    after = run_safety_net(app, DISPATCHER, now=now, runner="b", slot=slot_for(DISPATCHER, now), clock=lambda: now)
+    after = run_safety_net(
+        app, DISPATCHER, now=now, runner="b", slot=slot_for(DISPATCHER, now), clock=lambda: now
+    )
     assert after.ran
 
 
@@ -227,7 +270,9 @@ def test_a_crashing_run_is_recorded_as_failed_and_alerts(app: App, webhook) -> N
     with session_scope(app.session_factory) as session:
         run = session.scalars(select(ReconcilerRun)).one()
     assert not run.ok and run.errors == 1
-    assert [p["text"] for p in webhook.posts] == [":rotating_light: Capsule [run_error] backstop run failed: RuntimeError: database exploded"]
+    assert [p["text"] for p in webhook.posts] == [
+        ":rotating_light: Capsule [run_error] backstop run failed: RuntimeError: database exploded"
+    ]
     assert webhook.heartbeats == 0
 
 
@@ -280,18 +325,34 @@ def webhook() -> Iterator[Webhook]:
     hook.server.server_close()
 
 
-def test_stuck_rows_raise_one_alert_per_window_and_every_good_run_pings_the_heartbeat(app: App, webhook: Webhook) -> None:
-    with_settings(app, alert_webhook_url=webhook.url, heartbeat_url=webhook.heartbeat_url, alert_stuck_threshold=2)
+def test_stuck_rows_raise_one_alert_per_window_and_every_good_run_pings_the_heartbeat(
+    app: App, webhook: Webhook
+) -> None:
+    with_settings(
+        app,
+        alert_webhook_url=webhook.url,
+        heartbeat_url=webhook.heartbeat_url,
+        alert_stuck_threshold=2,
+    )
     user_id = make_user(app, credit=10)
     for _ in range(3):
         schedule(app, user_id)
 
     for minute in (5, 7, 25):
         now = SOON + timedelta(minutes=minute)
-        run_safety_net(app, BACKSTOP, now=now, runner="a", slot=slot_for(BACKSTOP, now), clock=lambda now=now: now)
+        run_safety_net(
+            app,
+            BACKSTOP,
+            now=now,
+            runner="a",
+            slot=slot_for(BACKSTOP, now),
+            clock=lambda now=now: now,
+        )
 
     # 3 stuck rows each time (past grace again); the 2nd alert is inside the 15-minute window
-    assert [p["text"].split("]")[0] for p in webhook.posts] == [":rotating_light: Capsule [stuck_rows"] * 2
+    assert [p["text"].split("]")[0] for p in webhook.posts] == [
+        ":rotating_light: Capsule [stuck_rows"
+    ] * 2
     assert webhook.heartbeats == 3
     with session_scope(app.session_factory) as session:
         rows = session.scalars(select(Alert).order_by(Alert.id)).all()
@@ -304,10 +365,17 @@ def test_stuck_rows_raise_one_alert_per_window_and_every_good_run_pings_the_hear
 
 def test_a_failing_webhook_does_not_break_the_run(app: App, webhook: Webhook) -> None:
     webhook.answer(500)
-    with_settings(app, alert_webhook_url=webhook.url, heartbeat_url=webhook.heartbeat_url, alert_stuck_threshold=0)
+    with_settings(
+        app,
+        alert_webhook_url=webhook.url,
+        heartbeat_url=webhook.heartbeat_url,
+        alert_stuck_threshold=0,
+    )
     result = schedule(app, make_user(app))
 
-    report = run_safety_net(app, BACKSTOP, now=SOON + timedelta(minutes=5), runner="a", slot=None, clock=lambda: SOON)
+    report = run_safety_net(
+        app, BACKSTOP, now=SOON + timedelta(minutes=5), runner="a", slot=None, clock=lambda: SOON
+    )
 
     assert report.ran and report.requeued == 1 and report.error_message is None
     assert len(webhook.posts) == 1  # tried, answered 500
@@ -316,7 +384,9 @@ def test_a_failing_webhook_does_not_break_the_run(app: App, webhook: Webhook) ->
 
 
 def test_an_unreachable_webhook_and_heartbeat_are_swallowed(app: App) -> None:
-    with_settings(app, alert_webhook_url="http://127.0.0.1:9/hook", heartbeat_url="http://127.0.0.1:9/ping")
+    with_settings(
+        app, alert_webhook_url="http://127.0.0.1:9/hook", heartbeat_url="http://127.0.0.1:9/ping"
+    )
     alerter = alerts.Alerter(app.settings, app.session_factory)
     assert alerter.alert(alerts.CIRCUIT_OPEN, "resend circuit opened", now=T0) is False
     assert alerter.heartbeat() is False
@@ -325,6 +395,22 @@ def test_an_unreachable_webhook_and_heartbeat_are_swallowed(app: App) -> None:
 def test_runs_of_each_kind_are_independent(app: App) -> None:
     now = SOON
     kinds = [DISPATCHER, BACKSTOP, FAILED_RETRIER]
-    reports = [run_safety_net(app, k, now=now, runner="a", slot=slot_for(k, now), clock=lambda: now) for k in kinds]
+    reports = [
+        run_safety_net(app, k, now=now, runner="a", slot=slot_for(k, now), clock=lambda: now)
+        for k in kinds
+    ]
     assert all(r.ran for r in reports)
     assert slot_for(FAILED_RETRIER, now + timedelta(minutes=7)) == now.replace(minute=0)
+
+
+def test_backstop_with_zero_grace_takes_each_row_once_per_run(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
+    user_id = make_user(app, credit=5)
+    ids = [schedule(app, user_id).delivery_id for _ in range(3)]
+    enqueuer.enqueued.clear()
+
+    report = run_backstop(app, now=SOON, grace_seconds=0)
+
+    assert (report.found, report.requeued) == (3, 3)
+    assert sorted(d for d, _, _ in enqueuer.enqueued) == sorted(ids)
