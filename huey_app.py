@@ -44,5 +44,6 @@ def prepare_broker(queue: Huey) -> None:
 settings = Settings.from_env()
 huey = make_huey(settings)
 
+import tasks.bulk  # noqa: E402
 import tasks.delivery  # noqa: E402  (registers the tasks with `huey`)
 import tasks.periodic  # noqa: E402,F401

@@ -307,13 +307,19 @@ def requeue_delivery(
     actor: str,
     reason: str | None = None,
     event: str = "delivery.requeued",
+    expected_version: int | None = None,
 ) -> str | None:
     """failed → scheduled, due now, with a fresh round of attempts; returns the new task id.
 
     A credit refunded on a permanent failure is reserved again (InsufficientCredit if none).
+    `expected_version`: refuse unless the row is still the version the caller examined.
     """
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
+        if expected_version is not None and row.version != expected_version:
+            raise InvalidTransition(
+                row.id, f"{row.status} (changed since it was checked)", "requeue"
+            )
         previous = {"error_class": row.error_class, "attempt_count": row.attempt_count}
         _transition(
             session,

@@ -201,7 +201,7 @@ class FakeProviderState:
                 if not append:
                     current.queue.clear()
                     current.p_5xx, current.p_429, current.p_stall = p_5xx, p_429, p_stall
-                    current.rng = random.Random(seed)
+                    current.rng = random.Random(None if seed is None else f"{seed}-{name}")
                 current.queue.extend(faults)
                 if latency_ms is not None:
                     current.latency_ms = latency_ms
@@ -332,6 +332,9 @@ def _now_iso() -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # idle keep-alive connections end eventually
+    disable_nagle_algorithm = (
+        True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
+    )
     server: _Server
 
     @property

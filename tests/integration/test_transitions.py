@@ -582,3 +582,30 @@ def test_a_failure_from_a_run_that_lost_its_lease_is_discarded(app: App) -> None
     assert recorded.status is None
     assert row(app, result.delivery_id).status == Status.SCHEDULED
     assert events(app, result.delivery_id)[-1] == "delivery.outcome_discarded"
+
+
+def test_requeue_with_a_stale_expected_version_is_refused(app: App) -> None:
+    result = schedule(app, make_user(app))
+    fail(app, result.delivery_id, "transient")
+    seen = row(app, result.delivery_id).version
+
+    with pytest.raises(InvalidTransition, match="changed since it was checked"):
+        requeue_delivery(
+            app.session_factory,
+            app.enqueuer,
+            result.delivery_id,
+            now=SOON,
+            actor="ops",
+            reason="x",
+            expected_version=seen - 1,
+        )
+    requeue_delivery(
+        app.session_factory,
+        app.enqueuer,
+        result.delivery_id,
+        now=SOON,
+        actor="ops",
+        reason="x",
+        expected_version=seen,
+    )
+    assert row(app, result.delivery_id).status == Status.SCHEDULED

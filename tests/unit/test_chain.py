@@ -454,7 +454,9 @@ def test_embedded_default_is_the_outbox(tmp_path: Path, circuit_sessions: Sessio
 # ---------------------------------------------------------------- after a run died mid-send
 
 
-def test_look_first_finds_a_message_an_earlier_run_left_at_the_fallback_before_sending_anywhere() -> None:
+def test_look_first_finds_a_message_an_earlier_run_left_at_the_fallback_before_sending_anywhere() -> (
+    None
+):
     # Given the earlier run died after Postmark accepted (Resend had refused)
     resend = Scripted("resend")
     postmark = Scripted("postmark", found=Accepted("postmark", "pm-1", 200))
@@ -465,20 +467,28 @@ def test_look_first_finds_a_message_an_earlier_run_left_at_the_fallback_before_s
     # Then nothing is sent: the lookup's answer is the outcome
     assert outcome.sent and outcome.provider == "postmark" and outcome.provider_message_id == "pm-1"
     assert resend.sent == [] and postmark.sent == []
-    assert [(c.provider, c.outcome, c.message) for c in outcome.calls] == [("postmark", "accepted", "found by lookup")]
+    assert [(c.provider, c.outcome, c.message) for c in outcome.calls] == [
+        ("postmark", "accepted", "found by lookup")
+    ]
 
 
 def test_look_first_sends_normally_when_no_provider_has_it() -> None:
     resend, postmark = Scripted("resend"), Scripted("postmark")
-    outcome = ProviderChain([resend, postmark]).send(make_email(), look_first=True, now=T0, clock=clock)
+    outcome = ProviderChain([resend, postmark]).send(
+        make_email(), look_first=True, now=T0, clock=clock
+    )
     assert outcome.sent and outcome.provider == "resend"
     assert (resend.lookups, postmark.lookups) == (1, 1) and len(resend.sent) == 1
 
 
 def test_look_first_with_a_provider_that_cannot_answer_pins_to_it_and_sends_nothing() -> None:
     resend = Scripted("resend")
-    postmark = Scripted("postmark", found=TransientProviderError("postmark", "503", status_code=503))
-    outcome = ProviderChain([resend, postmark]).send(make_email(), look_first=True, now=T0, clock=clock)
+    postmark = Scripted(
+        "postmark", found=TransientProviderError("postmark", "503", status_code=503)
+    )
+    outcome = ProviderChain([resend, postmark]).send(
+        make_email(), look_first=True, now=T0, clock=clock
+    )
     assert outcome.error_class == "ambiguous" and outcome.pinned_provider == "postmark"
     assert resend.sent == [] and postmark.sent == []
 

@@ -1,0 +1,40 @@
+"""The console's entry point: `streamlit run console/app.py`. It only signs in and navigates."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from console import auth
+from core.operators import Role
+
+st.set_page_config(
+    page_title="Capsule console",
+    page_icon=":material/mark_email_read:",
+    layout="wide",
+    initial_sidebar_state="expanded",
+)
+
+operator = auth.current_operator()
+if operator is None:
+    st.navigation([st.Page(auth.login_page, title="Sign in", icon=":material/login:")]).run()
+else:
+    auth.sidebar(operator)
+    auth.demo_banner(operator)
+    pages = {
+        "Monitor": [
+            st.Page(
+                "views/overview.py", title="Overview", icon=":material/monitoring:", default=True
+            ),
+            st.Page("views/health.py", title="System health", icon=":material/health_and_safety:"),
+        ],
+        "Support": [
+            st.Page("views/triage.py", title="Triage", icon=":material/medical_services:"),
+            st.Page("views/delivery.py", title="Delivery detail", icon=":material/search:"),
+        ],
+        "Records": [st.Page("views/audit.py", title="Audit log", icon=":material/history:")],
+    }
+    if operator.can(Role.OPS):
+        pages["Ops"] = [
+            st.Page("views/bulk.py", title="Bulk operations", icon=":material/dynamic_feed:")
+        ]
+    st.navigation(pages).run()

@@ -1,0 +1,252 @@
+"""The console's data access: one App per process, cached loaders, and the broker seams.
+
+Loaders are `st.cache_data` with a short TTL and read the clock themselves (so the cache key is
+the filter, not the second). After any action a page calls `refresh()`: clear, then rerun.
+Everything returned is a dataclass or a DataFrame from `core.queries`, never an ORM object.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from core import bulk, queries
+from core.bootstrap import App, build_app
+from core.config import Settings
+from core.db import session_scope
+from core.dispatch import Enqueuer
+from core.policy import utcnow
+from core.queries import AuditCursor, AuditFilter, FailedFilter
+
+log = logging.getLogger(__name__)
+
+FAST = 5  # seconds: what an operator just acted on
+NORMAL = 30  # seconds: lists and tiles
+SLOW = 300  # seconds: menus
+
+WINDOWS = {
+    "24 h": (timedelta(hours=24), "hour"),
+    "7 days": (timedelta(days=7), "hour"),
+    "30 days": (timedelta(days=30), "day"),
+}
+
+
+# ---------------------------------------------------------------- wiring (tests replace these)
+
+
+def make_enqueuer(settings: Settings) -> Enqueuer:
+    """The delivery enqueuer over the process's Huey instance."""
+    import huey_app
+    from tasks.runtime import HueyEnqueuer
+
+    huey_app.prepare_broker(huey_app.huey)
+    return HueyEnqueuer(huey_app.huey)
+
+
+def enqueue_bulk(operation_id: int) -> str:
+    """Queue the background runner of a bulk operation; returns its task id."""
+    import tasks.bulk
+
+    return tasks.bulk.enqueue(operation_id)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    pending: int | None
+    scheduled: int | None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+
+def read_queue_depth() -> QueueDepth:
+    """Huey's pending and scheduled counts; 'unreachable' instead of an exception."""
+    try:
+        import huey_app
+
+        return QueueDepth(int(huey_app.huey.pending_count()), int(huey_app.huey.scheduled_count()))
+    except Exception as exc:  # a dead broker must not take the page down
+        log.warning("queue depth unavailable: %s", exc)
+        return QueueDepth(None, None, f"{type(exc).__name__}: {exc}")
+
+
+@st.cache_resource(show_spinner=False)
+def get_app() -> App:
+    """The App for this console process, built once from CAPSULE_* settings."""
+    settings = Settings.from_env()
+    redis_client = None
+    if settings.redis_url:
+        from redis import Redis
+
+        redis_client = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5
+        )
+    return build_app(settings, make_enqueuer(settings), redis_client=redis_client)
+
+
+def settings() -> Settings:
+    return get_app().settings
+
+
+def refresh() -> None:
+    """After an action: forget every cached read and run the page again."""
+    st.cache_data.clear()
+    st.rerun()
+
+
+# ---------------------------------------------------------------- overview
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def tiles() -> queries.Tiles:
+    app = get_app()
+    with session_scope(app.session_factory) as s:
+        return queries.tiles(s, now=utcnow(), grace_seconds=app.settings.grace_seconds)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def status_counts(window: str) -> pd.DataFrame:
+    span, _ = WINDOWS[window]
+    with session_scope(get_app().session_factory) as s:
+        return queries.status_counts(s, now=utcnow(), window=span)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def sent_series(window: str) -> pd.DataFrame:
+    span, bucket = WINDOWS[window]
+    with session_scope(get_app().session_factory) as s:
+        return queries.sent_series(s, now=utcnow(), window=span, bucket=bucket)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def reconciliation_series(window: str) -> pd.DataFrame:
+    span, bucket = WINDOWS[window]
+    with session_scope(get_app().session_factory) as s:
+        return queries.reconciliation_series(s, now=utcnow(), window=span, bucket=bucket)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def stuck_items(limit: int = 50) -> pd.DataFrame:
+    app = get_app()
+    with session_scope(app.session_factory) as s:
+        return queries.stuck_items(
+            s, now=utcnow(), grace_seconds=app.settings.grace_seconds, limit=limit
+        )
+
+
+# ---------------------------------------------------------------- triage and detail
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def failed_list(flt: FailedFilter, limit: int = 200) -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.failed_deliveries(s, flt, limit=limit)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def failed_count(flt: FailedFilter) -> int:
+    with session_scope(get_app().session_factory) as s:
+        return queries.failed_count(s, flt)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def failed_by_class(flt: FailedFilter) -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.failed_by_error_class(s, flt)
+
+
+def delivery_states(ids: list[str]) -> pd.DataFrame:
+    """Never cached: the re-check before an action must see the rows as they are now."""
+    with session_scope(get_app().session_factory) as s:
+        return queries.delivery_states(s, [uuid.UUID(i) for i in ids])
+
+
+@st.cache_data(ttl=FAST, show_spinner=False)
+def delivery_detail(delivery_id: str) -> queries.DeliveryDetail | None:
+    with session_scope(get_app().session_factory) as s:
+        return queries.delivery_detail(s, uuid.UUID(delivery_id))
+
+
+@st.cache_data(ttl=FAST, show_spinner=False)
+def deliveries_for_address(email: str) -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.deliveries_for_address(s, email)
+
+
+# ---------------------------------------------------------------- audit
+
+
+@st.cache_data(ttl=FAST, show_spinner=False)
+def audit_page(flt: AuditFilter, before: AuditCursor | None, limit: int = 50) -> queries.AuditPage:
+    with session_scope(get_app().session_factory) as s:
+        return queries.audit_log(s, flt, before=before, limit=limit)
+
+
+@st.cache_data(ttl=SLOW, show_spinner=False)
+def audit_types() -> list[str]:
+    with session_scope(get_app().session_factory) as s:
+        return queries.audit_types(s)
+
+
+# ---------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class Health:
+    runners: list[queries.RunnerState]
+    runs: pd.DataFrame
+    providers: pd.DataFrame
+    alerts: pd.DataFrame
+    queue: QueueDepth
+    checked_at: Any
+
+
+@st.cache_data(ttl=FAST * 2, show_spinner=False)
+def health() -> Health:
+    now = utcnow()
+    with session_scope(get_app().session_factory) as s:
+        runners = queries.runner_states(s, now=now)
+        runs = queries.recent_runs(s, limit=50)
+        providers = queries.provider_states(s, now=now)
+        alerts = queries.recent_alerts(s, limit=50)
+    return Health(runners, runs, providers, alerts, read_queue_depth(), now)
+
+
+# ---------------------------------------------------------------- bulk
+
+
+@st.cache_data(ttl=FAST * 2, show_spinner=False)
+def bulk_preview(flt: FailedFilter) -> bulk.Preview:
+    with session_scope(get_app().session_factory) as s:
+        return bulk.preview(s, flt, now=utcnow(), sample=20)
+
+
+@st.cache_data(ttl=FAST * 2, show_spinner=False)
+def bulk_dry_run(flt: FailedFilter, rate_per_second: float) -> bulk.DryRun:
+    with session_scope(get_app().session_factory) as s:
+        return bulk.dry_run(s, flt, now=utcnow(), rate_per_second=rate_per_second)
+
+
+def active_bulk() -> list[queries.BulkView]:
+    """Not cached: the progress bars poll it."""
+    with session_scope(get_app().session_factory) as s:
+        return queries.active_bulk_operations(s)
+
+
+def bulk_operation(operation_id: int) -> queries.BulkView | None:
+    with session_scope(get_app().session_factory) as s:
+        return queries.bulk_operation(s, operation_id)
+
+
+@st.cache_data(ttl=FAST, show_spinner=False)
+def bulk_history() -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.bulk_history(s, limit=50)

@@ -1,0 +1,285 @@
+"""Bulk operations (ops): requeue a filtered set of failed deliveries in the background.
+
+Filter → count and sample → dry run → type the count to confirm → a Huey task works through
+the rows at the chosen rate; progress and an abort button show while it runs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+
+import pandas as pd
+import streamlit as st
+
+from console import auth, data, ui
+from core import bulk
+from core.config import KNOWN_PROVIDERS
+from core.errors import CapsuleError
+from core.models import ErrorClass
+from core.operators import Operator, Role
+from core.policy import utcnow
+from core.queries import BulkView, FailedFilter
+
+POLL_SECONDS = 2
+DRY_RUN_KEY = "_bulk_dry_run"
+ACTIVE_KEY = "_bulk_active"
+
+
+def filters() -> FailedFilter:
+    c1, c2, c3, c4 = st.columns([3, 2, 3, 2])
+    with c1:
+        classes = st.multiselect(
+            "Error class",
+            [e.value for e in ErrorClass],
+            key="bulk_classes",
+            placeholder="any class",
+        )
+    with c2:
+        provider = st.selectbox("Last provider", ["any", *KNOWN_PROVIDERS], key="bulk_provider")
+    with c3:
+        between = st.date_input(
+            "Failed between",
+            value=(),  # type: ignore[arg-type]  # an empty range: Streamlit documents ()
+            key="bulk_between",
+            format="YYYY-MM-DD",
+        )
+    with c4:
+        domain = st.text_input("Recipient domain", key="bulk_domain", placeholder="gmail.com")
+    days = [
+        d
+        for d in (between if isinstance(between, tuple | list) else [between])
+        if isinstance(d, date)
+    ]
+    start = datetime.combine(days[0], time.min, tzinfo=UTC) if days else None
+    end = datetime.combine(days[-1], time.max, tzinfo=UTC) if len(days) == 2 else None
+    return FailedFilter(
+        error_classes=tuple(classes),
+        provider=None if provider == "any" else provider,
+        failed_from=start,
+        failed_until=end,
+        recipient_domain=domain.strip().lstrip("@").lower() or None,
+    )
+
+
+def _progress(operator: Operator, op: BulkView) -> None:
+    with st.container(border=True):
+        top = st.columns([4, 1], vertical_alignment="center")
+        with top[0]:
+            st.markdown(
+                f"{ui.STATE_ICONS.get(op.state, '')} **#{op.id} {op.action}** · {op.state} · "
+                f"by {op.actor} · {op.rate_per_second:g}/s  \n"
+                f"{FailedFilter.from_dict(op.filter).describe()} — _{op.reason}_"
+            )
+        with top[1]:
+            if op.state in ("pending", "running") and st.button(
+                "Abort", icon=":material/stop_circle:", key=f"abort_{op.id}", width="stretch"
+            ):
+                try:
+                    state = bulk.request_abort(
+                        data.get_app().session_factory, operator, op.id, now=utcnow()
+                    )
+                    ui.flash("warning", f"Bulk operation #{op.id}: {state}.")
+                except CapsuleError as exc:
+                    ui.flash("error", str(exc))
+                data.refresh()
+        st.progress(
+            op.progress,
+            text=f"{op.processed:,} of {op.expected_count:,} processed "
+            f"({op.done_count:,} requeued, {op.skipped_count:,} skipped)",
+        )
+        if op.state == "pending":
+            st.caption(f"Waiting for a worker since {ui.when(op.created_at)}.")
+
+
+def _announce_finished(op_ids: set[int]) -> None:
+    """Say how operations that ended since the last run finished; refresh the history."""
+    for op_id in sorted(op_ids):
+        view = data.bulk_operation(op_id)
+        if view is None or view.active:
+            continue
+        text = (
+            f"Bulk operation #{op_id} {view.state}: {view.done_count:,} requeued, "
+            f"{view.skipped_count:,} skipped."
+        )
+        (st.success if view.state == "done" else st.warning)(text)
+        data.bulk_history.clear()
+
+
+def _running(operator: Operator) -> None:
+    active = data.active_bulk()
+    ids = {op.id for op in active}
+    _announce_finished(st.session_state.get(ACTIVE_KEY, set()) - ids)
+    st.session_state[ACTIVE_KEY] = ids
+    if not active:
+        return
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def poll() -> None:
+        current = data.active_bulk()
+        st.subheader("Running")
+        for op in current:
+            _progress(operator, op)
+        if ids - {op.id for op in current}:  # one ended: rerun the page to report it
+            st.rerun()
+
+    poll()
+
+
+def _dry_run(flt: FailedFilter, rate: float) -> None:
+    result = data.bulk_dry_run(flt, rate)
+    with st.container(border=True):
+        cols = st.columns(4)
+        cols[0].metric("Would requeue", f"{result.would_requeue:,}")
+        cols[1].metric(
+            "Skipped: owner out of credit",
+            f"{result.short_of_credit:,}",
+            help="Refunded (permanent) failures must reserve a credit again.",
+        )
+        cols[2].metric("Need a credit again", f"{result.needs_credit:,}")
+        cols[3].metric("Takes about", ui.age(result.estimated_seconds))
+        left, right = st.columns(2)
+        left.dataframe(
+            pd.DataFrame(result.by_error_class.items(), columns=["error class", "rows"]),
+            hide_index=True,
+            width="stretch",
+        )
+        right.dataframe(
+            pd.DataFrame(result.by_provider.items(), columns=["last provider", "rows"]),
+            hide_index=True,
+            width="stretch",
+        )
+        st.caption(
+            "Dry run: nothing was changed. First rows in processing order: "
+            + ", ".join(result.first_ids)
+        )
+
+
+def _launch(operator: Operator, flt: FailedFilter, count: int, rate: float) -> None:
+    with st.form("bulk_launch"):
+        reason = st.text_area(
+            "Reason (required; recorded on every requeued delivery)",
+            key="bulk_reason",
+            placeholder="e.g. Resend outage INC-1234 is over",
+        )
+        typed = st.text_input(f"Type {count} to confirm", key="bulk_confirm")
+        submitted = st.form_submit_button(
+            f"Requeue {count:,} deliveries at {rate:g}/s",
+            type="primary",
+            icon=":material/rocket_launch:",
+        )
+    if not submitted:
+        return
+    if typed.strip() != str(count):
+        st.error(f"Type the number {count} exactly to confirm.")
+        return
+    try:
+        launched = bulk.launch(
+            data.get_app(),
+            operator,
+            flt,
+            reason=reason,
+            confirm_count=count,
+            rate_per_second=rate,
+            now=utcnow(),
+            enqueue=data.enqueue_bulk,
+        )
+    except CapsuleError as exc:
+        st.error(str(exc))
+        return
+    if launched.state == "error":
+        ui.flash(
+            "error",
+            f"Bulk operation #{launched.operation_id} could not be queued; nothing was changed.",
+        )
+    else:
+        ui.flash(
+            "success",
+            f"Bulk operation #{launched.operation_id} started: {launched.expected_count:,} deliveries.",
+        )
+    st.session_state.pop(DRY_RUN_KEY, None)
+    data.refresh()
+
+
+def render() -> None:
+    operator = auth.require_operator()
+    ui.header(
+        "Bulk operations",
+        "Requeue many failed deliveries at a controlled rate. Rows are re-checked one by one; "
+        "any that changed meanwhile are skipped.",
+    )
+    if not operator.can(Role.OPS):
+        st.error("Bulk operations are for the ops role.", icon=":material/lock:")
+        return
+    ui.show_flash()
+    _running(operator)
+
+    st.subheader("1 · Choose failed deliveries")
+    flt = filters()
+    shown = data.bulk_preview(flt)
+    st.metric("Matching now", f"{shown.count:,}", help=shown.filter.describe())
+    if shown.count == 0:
+        st.info("No failed delivery matches this filter.")
+    else:
+        with st.expander(
+            f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True
+        ):
+            st.dataframe(
+                shown.sample,
+                hide_index=True,
+                width="stretch",
+                column_order=[
+                    "failed_at",
+                    "error_class",
+                    "provider",
+                    "status_code",
+                    "recipient_email",
+                    "owner_email",
+                    "id",
+                ],
+                column_config={"failed_at": ui.time_column("Failed at")},
+            )
+
+        st.subheader("2 · Dry run")
+        rate_col, button_col, _ = st.columns([2, 1, 3], vertical_alignment="bottom")
+        with rate_col:
+            rate = float(
+                st.number_input(
+                    "Rate (deliveries per second)",
+                    min_value=0.1,
+                    max_value=bulk.MAX_RATE_PER_SECOND,
+                    value=bulk.DEFAULT_RATE_PER_SECOND,
+                    step=1.0,
+                    key="bulk_rate",
+                )
+            )
+        with button_col:
+            dry_clicked = st.button("Dry run", icon=":material/science:", key="bulk_dry_run")
+        signature = (flt, rate)
+        if dry_clicked:
+            st.session_state[DRY_RUN_KEY] = signature
+        if st.session_state.get(DRY_RUN_KEY) == signature:
+            _dry_run(flt, rate)
+            st.subheader("3 · Confirm and start")
+            _launch(operator, flt, shown.count, rate)
+        else:
+            st.caption("Run the dry run for this filter and rate before starting.")
+
+    st.subheader("History")
+    history = data.bulk_history()
+    if history.empty:
+        st.caption("No bulk operation yet.")
+    else:
+        st.dataframe(
+            history,
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "created_at": ui.time_column("Started"),
+                "finished_at": ui.time_column("Finished"),
+                "rate_per_second": st.column_config.NumberColumn("Rate/s", format="%.1f"),
+            },
+        )
+
+
+if __name__ == "__main__":
+    render()

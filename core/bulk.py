@@ -1,0 +1,491 @@
+"""Bulk requeues of failed deliveries, run in the background at a chosen rate by ops.
+
+    preview / dry_run        count, sample and consequences of a filter; writes nothing
+    launch                   ops only: confirm the count, record a bulk_operations row, enqueue
+    run_operation            the background runner (tasks/bulk.py), one row at a time:
+                               pending → running → done | aborted | error
+    request_abort            ops only: pending → aborted, running → aborting (the runner stops
+                             before its next row and sets aborted)
+
+The filter is pinned at launch (`failed_until` = now), so rows that fail later never join a
+confirmed set, and the runner never processes more rows than were confirmed. Each row is
+checked against the filter again when the runner reaches it, and the requeue transition
+itself compare-and-sets the row: a row that changed in between is counted as skipped.
+Core never imports Huey: `launch` is handed the function that enqueues the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from core import audit, queries
+from core.bootstrap import App
+from core.db import SessionFactory, session_scope
+from core.deliveries import requeue_delivery
+from core.errors import (
+    DeliveryNotFound,
+    InsufficientCredit,
+    InvalidTransition,
+    NotFound,
+    ValidationError,
+)
+from core.models import BulkOperation, CreditEntry, Delivery
+from core.operators import Operator, Role, require
+from core.queries import FailedFilter
+from core.triage import required_reason
+
+log = logging.getLogger(__name__)
+
+REQUEUE = "requeue"
+BULK_EVENT = "delivery.bulk_requeued"
+MAX_RATE_PER_SECOND = 100.0
+DEFAULT_RATE_PER_SECOND = 5.0
+BATCH_SIZE = 100
+STALE_AFTER = timedelta(minutes=5)  # a running operation silent this long is presumed dead
+
+Clock = Callable[[], datetime]
+Sleep = Callable[[float], None]
+Enqueue = Callable[[int], str]
+
+
+# ---------------------------------------------------------------- before launching
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a filter matches right now."""
+
+    filter: FailedFilter
+    count: int
+    sample: pd.DataFrame = field(repr=False)
+
+
+def preview(session: Session, flt: FailedFilter, *, now: datetime, sample: int = 20) -> Preview:
+    """The pinned filter, its count and the newest `sample` matching rows."""
+    pinned = flt.pinned(now)
+    return Preview(
+        pinned,
+        queries.failed_count(session, pinned),
+        queries.failed_deliveries(session, pinned, limit=sample),
+    )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a requeue of the filter would do, computed without changing anything."""
+
+    count: int
+    by_error_class: dict[str, int]
+    by_provider: dict[str, int]
+    needs_credit: int  # rows whose credit was refunded (permanent failures): requeue reserves
+    short_of_credit: int  # of those, rows whose owner has no credit left: they would be skipped
+    first_ids: list[str]
+    estimated_seconds: float
+
+    @property
+    def would_requeue(self) -> int:
+        return self.count - self.short_of_credit
+
+
+def _credit_held(delivery_id: Any) -> Any:
+    return (
+        select(func.coalesce(-func.sum(CreditEntry.amount), 0))
+        .where(CreditEntry.delivery_id == delivery_id)
+        .scalar_subquery()
+    )
+
+
+def dry_run(
+    session: Session,
+    flt: FailedFilter,
+    *,
+    now: datetime,
+    rate_per_second: float = DEFAULT_RATE_PER_SECOND,
+) -> DryRun:
+    """Counts by error class and provider, credit shortfalls, and how long it would take."""
+    pinned = flt.pinned(now)
+    where = queries.failed_conditions(pinned)
+    count = queries.failed_count(session, pinned)
+    by_class = {
+        str(c or "unknown"): int(n)
+        for c, n in session.execute(
+            select(Delivery.error_class, func.count()).where(*where).group_by(Delivery.error_class)
+        )
+    }
+    by_provider = {
+        str(p): int(n)
+        for p, n in queries.failed_by_provider(session, pinned).itertuples(index=False)
+    }
+    # Per owner: rows that would have to reserve a credit again, against the owner's balance.
+    needing = session.execute(
+        select(Delivery.user_id, func.count())
+        .where(*where, _credit_held(Delivery.id) < 1)
+        .group_by(Delivery.user_id)
+    ).all()
+    short = 0
+    if needing:
+        balances = {
+            user_id: int(total or 0)
+            for user_id, total in session.execute(
+                select(CreditEntry.user_id, func.sum(CreditEntry.amount))
+                .where(CreditEntry.user_id.in_([u for u, _ in needing]))
+                .group_by(CreditEntry.user_id)
+            )
+        }
+        short = sum(max(0, int(n) - max(0, int(balances.get(u) or 0))) for u, n in needing)
+    first = session.scalars(
+        select(Delivery.id).where(*where).order_by(Delivery.failed_at, Delivery.id).limit(5)
+    ).all()
+    return DryRun(
+        count=count,
+        by_error_class=by_class,
+        by_provider=by_provider,
+        needs_credit=sum(int(n) for _, n in needing),
+        short_of_credit=short,
+        first_ids=[str(i) for i in first],
+        estimated_seconds=count / validate_rate(rate_per_second),
+    )
+
+
+def validate_rate(rate_per_second: float) -> float:
+    rate = float(rate_per_second)
+    if not 0 < rate <= MAX_RATE_PER_SECOND:
+        raise ValidationError(
+            "rate_per_second",
+            f"the rate must be above 0 and at most {MAX_RATE_PER_SECOND:g} per second",
+        )
+    return rate
+
+
+# ---------------------------------------------------------------- launching and aborting
+
+
+@dataclass(frozen=True)
+class Launched:
+    operation_id: int
+    task_id: str | None
+    state: str
+    expected_count: int
+
+
+def launch(
+    app: App,
+    operator: Operator,
+    flt: FailedFilter,
+    *,
+    reason: str,
+    confirm_count: int,
+    rate_per_second: float,
+    now: datetime,
+    enqueue: Enqueue,
+) -> Launched:
+    """Record a bulk requeue of the rows `flt` matches now and hand it to the background runner.
+
+    `confirm_count` is the count the operator typed: it must equal what matches at this moment.
+    If the broker refuses the task, the operation ends in state error (nothing was touched).
+    """
+    require(operator, Role.OPS, "run bulk operations")
+    why = required_reason(reason)
+    rate = validate_rate(rate_per_second)
+    pinned = flt.pinned(now)
+    with session_scope(app.session_factory) as session:
+        count = queries.failed_count(session, pinned)
+        if count == 0:
+            raise ValidationError("filter", "no failed delivery matches this filter")
+        if int(confirm_count) != count:
+            raise ValidationError(
+                "confirm_count",
+                f"{count} deliveries match now, not {confirm_count}: check the preview and "
+                "type the new count",
+            )
+        op = BulkOperation(
+            action=REQUEUE,
+            filter=pinned.to_dict(),
+            actor=operator.identity,
+            reason=why,
+            expected_count=count,
+            rate_per_second=rate,
+            state="pending",
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(op)
+        session.flush()
+        operation_id = op.id
+        audit.record(
+            session,
+            "bulk.created",
+            actor=operator.identity,
+            now=now,
+            reason=why,
+            data={
+                "operation_id": operation_id,
+                "action": REQUEUE,
+                "filter": pinned.to_dict(),
+                "expected_count": count,
+                "rate_per_second": rate,
+            },
+        )
+        session.commit()
+    try:
+        task_id = enqueue(operation_id)
+    except Exception as exc:  # the broker is down: say so on the operation, touch nothing
+        log.warning("could not enqueue bulk operation %s: %s", operation_id, exc)
+        _finish(
+            app.session_factory,
+            operation_id,
+            "error",
+            now,
+            error=f"could not queue the background task: {exc}",
+            from_states=("pending",),
+        )
+        return Launched(operation_id, None, "error", count)
+    with session_scope(app.session_factory) as session:
+        session.execute(
+            update(BulkOperation).where(BulkOperation.id == operation_id).values(task_id=task_id)
+        )
+        session.commit()
+    return Launched(operation_id, task_id, "pending", count)
+
+
+def request_abort(
+    session_factory: SessionFactory,
+    operator: Operator,
+    operation_id: int,
+    *,
+    now: datetime,
+    reason: str | None = None,
+) -> str:
+    """Stop an operation; returns its new state (aborted, or aborting while the runner stops).
+
+    A running operation whose runner has been silent for STALE_AFTER is presumed dead and is
+    aborted at once.
+    """
+    require(operator, Role.OPS, "abort bulk operations")
+    with session_scope(session_factory) as session:
+        op = session.get(BulkOperation, operation_id, populate_existing=True)
+        if op is None:
+            raise NotFound("bulk operation", operation_id)
+        if op.state == "pending" or (
+            op.state in ("running", "aborting") and op.updated_at < now - STALE_AFTER
+        ):
+            new_state = "aborted"
+        elif op.state == "running":
+            new_state = "aborting"
+        else:
+            raise ValidationError("state", f"bulk operation {operation_id} is already {op.state}")
+        values: dict[str, Any] = {"state": new_state, "updated_at": now}
+        if new_state == "aborted":
+            values["finished_at"] = now
+        session.execute(
+            update(BulkOperation)
+            .where(BulkOperation.id == operation_id, BulkOperation.state == op.state)
+            .values(**values)
+        )
+        audit.record(
+            session,
+            "bulk.abort_requested",
+            actor=operator.identity,
+            now=now,
+            reason=reason,
+            data={"operation_id": operation_id, "from": op.state, "to": new_state},
+        )
+        session.commit()
+    return new_state
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass(frozen=True)
+class RunResult:
+    operation_id: int
+    state: str
+    done: int
+    skipped: int
+
+
+def _finish(
+    session_factory: SessionFactory,
+    operation_id: int,
+    state: str,
+    now: datetime,
+    *,
+    error: str | None = None,
+    from_states: tuple[str, ...] = ("running", "aborting"),
+    data: dict[str, Any] | None = None,
+) -> bool:
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(BulkOperation)
+            .where(BulkOperation.id == operation_id, BulkOperation.state.in_(from_states))
+            .values(state=state, finished_at=now, updated_at=now, error_message=error)
+        )
+        changed = bool(getattr(result, "rowcount", 0) == 1)
+        if changed:
+            op = session.get(BulkOperation, operation_id)
+            audit.record(
+                session,
+                f"bulk.{state}",
+                actor=op.actor if op is not None else audit.SYSTEM,
+                now=now,
+                reason=error,
+                data={"operation_id": operation_id, **(data or {})},
+            )
+        session.commit()
+    return changed
+
+
+def _next_batch(
+    session: Session, where: list[Any], after: tuple[datetime, uuid.UUID] | None, size: int
+) -> list[tuple[uuid.UUID, datetime]]:
+    query = select(Delivery.id, Delivery.failed_at).where(*where)
+    if after is not None:
+        at, last_id = after
+        query = query.where(
+            or_(Delivery.failed_at > at, and_(Delivery.failed_at == at, Delivery.id > last_id))
+        )
+    rows = session.execute(query.order_by(Delivery.failed_at, Delivery.id).limit(size)).all()
+    return [(row[0], row[1]) for row in rows if row[1] is not None]
+
+
+def _matching_version(
+    session_factory: SessionFactory, delivery_id: uuid.UUID, where: list[Any]
+) -> int | None:
+    """The row's version if it still matches the filter, else None."""
+    with session_scope(session_factory) as session:
+        return session.scalar(select(Delivery.version).where(Delivery.id == delivery_id, *where))
+
+
+def _progress(
+    session_factory: SessionFactory, operation_id: int, done: int, skipped: int, now: datetime
+) -> str:
+    """Write the counters; return the operation's state (an abort shows up here)."""
+    with session_scope(session_factory) as session:
+        session.execute(
+            update(BulkOperation)
+            .where(BulkOperation.id == operation_id)
+            .values(done_count=done, skipped_count=skipped, updated_at=now)
+        )
+        state = session.scalar(select(BulkOperation.state).where(BulkOperation.id == operation_id))
+        session.commit()
+    return str(state)
+
+
+def run_operation(
+    app: App,
+    operation_id: int,
+    *,
+    clock: Clock,
+    sleep: Sleep = time.sleep,
+    batch_size: int = BATCH_SIZE,
+) -> RunResult:
+    """Requeue the operation's rows one by one at its rate, until done, aborted or failed.
+
+    Claims the operation (pending → running) first, so a duplicate task does nothing. Between
+    rows it paces itself with `sleep` against `clock` and reads the state to see an abort.
+    """
+    factory = app.session_factory
+    started = clock()
+    with session_scope(factory) as session:
+        claimed = session.execute(
+            update(BulkOperation)
+            .where(BulkOperation.id == operation_id, BulkOperation.state == "pending")
+            .values(state="running", updated_at=started)
+        )
+        op = session.get(BulkOperation, operation_id, populate_existing=True)
+        session.commit()
+    if op is None:
+        raise NotFound("bulk operation", operation_id)
+    if getattr(claimed, "rowcount", 0) != 1:
+        log.info("bulk operation %s is %s; nothing to run", operation_id, op.state)
+        return RunResult(operation_id, op.state, op.done_count, op.skipped_count)
+
+    flt = FailedFilter.from_dict(dict(op.filter))
+    where = queries.failed_conditions(flt)
+    interval = 1.0 / op.rate_per_second
+    reason = f"bulk #{operation_id}: {op.reason}"
+    done = skipped = 0
+    skips: dict[str, int] = {}
+    after: tuple[datetime, uuid.UUID] | None = None
+    try:
+        while done + skipped < op.expected_count:
+            with session_scope(factory) as session:
+                batch = _next_batch(
+                    session, where, after, min(batch_size, op.expected_count - done - skipped)
+                )
+            if not batch:
+                break
+            for delivery_id, failed_at in batch:
+                after = (failed_at, delivery_id)
+                wait = started + timedelta(seconds=(done + skipped) * interval) - clock()
+                if wait.total_seconds() > 0:
+                    sleep(wait.total_seconds())
+                outcome = _requeue_one(app, delivery_id, where, op.actor, reason, clock())
+                if outcome == "done":
+                    done += 1
+                else:
+                    skipped += 1
+                    skips[outcome] = skips.get(outcome, 0) + 1
+                state = _progress(factory, operation_id, done, skipped, clock())
+                if state == "aborting":
+                    _finish(
+                        factory,
+                        operation_id,
+                        "aborted",
+                        clock(),
+                        data={"done": done, "skipped": skipped},
+                    )
+                    return RunResult(operation_id, "aborted", done, skipped)
+                if state != "running":  # aborted outright (presumed dead), or edited by hand
+                    return RunResult(operation_id, state, done, skipped)
+    except Exception as exc:
+        log.exception("bulk operation %s failed", operation_id)
+        _progress(factory, operation_id, done, skipped, clock())
+        _finish(factory, operation_id, "error", clock(), error=f"{type(exc).__name__}: {exc}")
+        return RunResult(operation_id, "error", done, skipped)
+    _finish(
+        factory,
+        operation_id,
+        "done",
+        clock(),
+        data={"done": done, "skipped": skipped, "skip_reasons": skips},
+    )
+    return RunResult(operation_id, "done", done, skipped)
+
+
+def _requeue_one(
+    app: App, delivery_id: uuid.UUID, where: list[Any], actor: str, reason: str, now: datetime
+) -> str:
+    """'done', or why the row was skipped: changed | no_credit."""
+    version = _matching_version(app.session_factory, delivery_id, where)
+    if version is None:
+        return "changed"
+    try:
+        # expected_version: the requeue's compare-and-set succeeds only on the very row
+        # version that matched the filter, so a row that changed in between is skipped.
+        requeue_delivery(
+            app.session_factory,
+            app.enqueuer,
+            delivery_id,
+            now=now,
+            actor=actor,
+            reason=reason,
+            event=BULK_EVENT,
+            expected_version=version,
+        )
+    except (InvalidTransition, DeliveryNotFound):
+        return "changed"
+    except InsufficientCredit:
+        return "no_credit"
+    return "done"

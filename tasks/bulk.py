@@ -1,0 +1,24 @@
+"""The background runner of an ops bulk operation. It carries only the operation id."""
+
+from __future__ import annotations
+
+import time
+
+from core.policy import utcnow
+from huey_app import huey
+from tasks.runtime import get_app
+
+
+@huey.task(name="capsule.bulk_run")
+def bulk_run(operation_id: int) -> None:
+    # Imported here: core.bulk brings pandas, which every consumer and CLI start would pay for.
+    from core.bulk import run_operation
+
+    run_operation(get_app(), operation_id, clock=utcnow, sleep=time.sleep)
+
+
+def enqueue(operation_id: int) -> str:
+    """Put the runner for `operation_id` in the queue now; returns the Huey task id."""
+    task = bulk_run.s(operation_id)
+    huey.enqueue(task)
+    return str(task.id)

@@ -1,0 +1,122 @@
+"""Operators: password hashes, roles, the account lookup, and `capsule operator add`."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from core.errors import PermissionDenied, ValidationError
+from core.operators import (
+    Operator,
+    Role,
+    authenticate,
+    hash_password,
+    operator_for_email,
+    parse_role,
+    require,
+    secrets_entry,
+    verify_password,
+)
+from tasks import cli
+
+PASSWORD = "correct horse battery"
+
+
+def test_hashes_are_salted_and_verify_in_constant_time() -> None:
+    first, second = hash_password(PASSWORD), hash_password(PASSWORD)
+    assert first != second  # a fresh salt each time
+    assert first.startswith("scrypt$16384$8$1$") and PASSWORD not in first
+    assert verify_password(PASSWORD, first) and verify_password(PASSWORD, second)
+    assert not verify_password(PASSWORD + "!", first)
+    assert not verify_password(PASSWORD, "scrypt$garbage")
+    assert not verify_password(PASSWORD, "pbkdf2$1$2$3$4$5")
+    with pytest.raises(ValidationError):
+        hash_password("short")
+
+
+@pytest.mark.parametrize(
+    ("role", "needed", "allowed"),
+    [
+        (Role.VIEWER, Role.VIEWER, True),
+        (Role.VIEWER, Role.SUPPORT, False),
+        (Role.SUPPORT, Role.SUPPORT, True),
+        (Role.SUPPORT, Role.OPS, False),
+        (Role.OPS, Role.SUPPORT, True),
+    ],
+)
+def test_roles_are_ordered(role: Role, needed: Role, allowed: bool) -> None:
+    operator = Operator("x", role)
+    assert operator.can(needed) is allowed
+    if allowed:
+        require(operator, needed, "do it")
+    else:
+        with pytest.raises(PermissionDenied) as caught:
+            require(operator, needed, "do it")
+        assert (caught.value.actor, caught.value.action) == ("x", "do it")
+
+
+def test_authenticate_local_accounts() -> None:
+    accounts = {
+        "sam": {"password_hash": hash_password(PASSWORD), "role": "Support", "name": "Sam"},
+        "bad": {"password_hash": hash_password(PASSWORD), "role": "admin"},
+    }
+    assert authenticate(accounts, " sam ", PASSWORD) == Operator("sam", Role.SUPPORT, "Sam")
+    assert authenticate(accounts, "sam", "wrong password") is None
+    assert authenticate(accounts, "nobody", PASSWORD) is None
+    assert authenticate(accounts, "bad", PASSWORD) is None  # unknown role: no access
+    assert authenticate(accounts, "", "") is None
+
+
+def test_oidc_roles_table() -> None:
+    roles = {"Olga@Example.com": "ops", "eve@example.com": "root"}
+    assert operator_for_email(roles, "olga@example.COM", "Olga") == Operator(
+        "olga@example.com", Role.OPS, "Olga", source="oidc"
+    )
+    assert operator_for_email(roles, "eve@example.com") is None
+    assert operator_for_email(roles, None) is None
+    with pytest.raises(ValidationError):
+        parse_role("root")
+
+
+def test_secrets_entry_is_valid_toml() -> None:
+    text = secrets_entry("ada@example.com", Role.OPS, "scrypt$1", name='Ada "A"')
+    parsed = tomllib.loads(text)
+    assert parsed == {
+        "operators": {
+            "ada@example.com": {"role": "ops", "password_hash": "scrypt$1", "name": 'Ada "A"'}
+        }
+    }
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: str) -> int:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    return cli.main(argv)
+
+
+def test_cli_operator_add_prints_or_appends(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        run_cli(monkeypatch, ["operator", "add", "sam", "--role", "support"], PASSWORD + "\n") == 0
+    )
+    printed = tomllib.loads(capsys.readouterr().out)["operators"]["sam"]
+    assert printed["role"] == "support" and verify_password(PASSWORD, printed["password_hash"])
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[other]\nkey = "value"\n')
+    argv = ["operator", "add", "olga", "--role", "ops", "--secrets", str(secrets)]
+    assert run_cli(monkeypatch, argv, PASSWORD + "\n") == 0
+    assert run_cli(monkeypatch, argv, PASSWORD + "\n") == cli.EXIT_ERROR  # no duplicate
+    assert "already has [operators.olga]" in capsys.readouterr().err
+    data = tomllib.loads(secrets.read_text())
+    assert data["other"] == {"key": "value"}
+    assert authenticate(data["operators"], "olga", PASSWORD) == Operator("olga", Role.OPS)
+    assert secrets.stat().st_mode & 0o077 == 0
+
+    bad = ["operator", "add", "a b", "--role", "ops"]
+    assert run_cli(monkeypatch, bad, PASSWORD + "\n") == cli.EXIT_ERROR
+    short = ["operator", "add", "vera", "--role", "viewer"]
+    assert run_cli(monkeypatch, short, "short\n") == cli.EXIT_ERROR
