@@ -38,6 +38,10 @@ EXPECTED = {
 }
 
 
+# The provider may have accepted these: a requeue could deliver the letter a second time.
+MAY_HAVE_ARRIVED = ("possibly_sent", "ambiguous")
+
+
 def buttons(operator: Operator, ids: list[str], *, key: str) -> None:
     """The action buttons for the selected ids; nothing at all for a viewer."""
     if not operator.can(Role.SUPPORT):
@@ -89,6 +93,13 @@ def _confirm(operator: Operator, action: str, ids: list[str]) -> None:
         st.warning(
             f"{len(unexpected)} of these changed since you selected them and will be skipped: "
             + ", ".join(sorted(set(unexpected["status"])))
+        )
+    uncertain = current[current["error_class"].isin(MAY_HAVE_ARRIVED)]
+    if action == "requeue" and len(uncertain):
+        st.warning(
+            f"{len(uncertain)} of these may already have reached the recipient "
+            f"({', '.join(sorted(set(uncertain['error_class'])))}): check the provider's log "
+            "before sending again, or the recipient may get the letter twice."
         )
     with st.form("action_confirm", border=False):
         reason = st.text_area(

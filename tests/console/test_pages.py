@@ -164,6 +164,21 @@ def test_triage_cancel_and_notify(console: Runner, engine: Engine) -> None:
     assert ("delivery.canceled", "sam", "owner asked to stop it") in audit_for(engine, first)
 
 
+def test_requeue_dialog_warns_when_the_letter_may_already_have_arrived(console: Runner) -> None:
+    at = console(SUPPORT, page="triage")
+    at.multiselect(key="triage_classes").set_value(["possibly_sent"]).run()
+    select_rows(at, 0)
+    at.button(key="triage_requeue").click().run()
+    assert "may already have reached the recipient (possibly_sent)" in texts(at)
+
+    at = console(SUPPORT, page="triage")
+    at.multiselect(key="triage_classes").set_value(["permanent"]).run()
+    select_rows(at, 0)
+    at.button(key="triage_requeue").click().run()
+    assert "This will **send again now" in texts(at)
+    assert "may already have reached" not in texts(at)
+
+
 def test_triage_dialog_back_changes_nothing(console: Runner, engine: Engine) -> None:
     at = console(SUPPORT, page="triage")
     target = at.dataframe[0].value["id"].iloc[0]
