@@ -414,3 +414,33 @@ def test_backstop_with_zero_grace_takes_each_row_once_per_run(
 
     assert (report.found, report.requeued) == (3, 3)
     assert sorted(d for d, _, _ in enqueuer.enqueued) == sorted(ids)
+
+
+def test_a_provider_circuit_opening_posts_one_alert(
+    app: App, webhook: Webhook, provider_server
+) -> None:
+    from core.providers.base import Email
+
+    with_settings(
+        app,
+        alert_webhook_url=webhook.url,
+        providers=("resend",),
+        resend_api_key=provider_server.resend_api_key,
+        resend_base_url=provider_server.url,
+        circuit_failure_threshold=2,
+        provider_read_timeout=2.0,
+    )
+    provider_server.set_faults("resend", p_5xx=1.0)
+    email = Email(
+        to="a@example.com", sender="s@example.com", subject="s", text="t", idempotency_key="k1"
+    )
+
+    outcomes = [app.chain.send(email, now=SOON) for _ in range(4)]
+
+    assert [o.error_class for o in outcomes] == ["transient"] * 4
+    assert [c.outcome for c in outcomes[-1].calls] == ["skipped"]  # the circuit is open
+    assert [p["text"].split("]")[0] for p in webhook.posts] == [
+        ":rotating_light: Capsule [circuit_open"
+    ]
+    assert "resend circuit opened" in webhook.posts[0]["text"]
+    app.chain.close()
