@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, credits, notifications
@@ -111,6 +111,7 @@ def _transition(
         raise InvalidTransition(row.id, row.status, action)
     result = session.execute(
         update(Delivery)
+        .execution_options(synchronize_session=False)
         .where(
             Delivery.id == row.id, Delivery.status == row.status, Delivery.version == row.version
         )
@@ -375,6 +376,7 @@ def claim(
     """
     result = session.execute(
         update(Delivery)
+        .execution_options(synchronize_session=False)
         .where(
             Delivery.id == delivery_id,
             Delivery.status == Status.SCHEDULED,
@@ -442,21 +444,26 @@ def record_outcome(
     would reuse the same idempotency key). A failure is recorded only by the run that still
     holds the row. The caller commits.
     """
-    for call in outcome.calls:
-        session.add(
-            DeliveryAttempt(
-                delivery_id=claimed.delivery_id,
-                run_number=claimed.run_number,
-                task_id=claimed.task_id,
-                provider=call.provider,
-                outcome=call.outcome,
-                status_code=call.status_code,
-                provider_error_code=call.error_code,
-                error_message=call.message,
-                provider_message_id=call.provider_message_id,
-                duration_ms=call.duration_ms,
-                started_at=call.started_at,
-            )
+    if outcome.calls:
+        # One multi-row INSERT: this runs once per delivery and the ORM unit of work is costly.
+        session.execute(
+            insert(DeliveryAttempt),
+            [
+                {
+                    "delivery_id": claimed.delivery_id,
+                    "run_number": claimed.run_number,
+                    "task_id": claimed.task_id,
+                    "provider": call.provider,
+                    "outcome": call.outcome,
+                    "status_code": call.status_code,
+                    "provider_error_code": call.error_code,
+                    "error_message": call.message,
+                    "provider_message_id": call.provider_message_id,
+                    "duration_ms": call.duration_ms,
+                    "started_at": call.started_at,
+                }
+                for call in outcome.calls
+            ],
         )
     ours = (
         Delivery.id == claimed.delivery_id,
@@ -469,6 +476,7 @@ def record_outcome(
     if outcome.sent:
         result = session.execute(
             update(Delivery)
+            .execution_options(synchronize_session=False)
             .where(
                 Delivery.id == claimed.delivery_id,
                 Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),
@@ -507,6 +515,7 @@ def record_outcome(
         next_at = now + timedelta(seconds=delay)
         result = session.execute(
             update(Delivery)
+            .execution_options(synchronize_session=False)
             .where(*ours)
             .values(
                 status=Status.SCHEDULED,
@@ -538,6 +547,7 @@ def record_outcome(
 
     result = session.execute(
         update(Delivery)
+        .execution_options(synchronize_session=False)
         .where(*ours)
         .values(
             status=Status.FAILED,
@@ -601,6 +611,7 @@ def recover_expired_lease(session: Session, delivery_id: uuid.UUID, *, now: date
     """
     result = session.execute(
         update(Delivery)
+        .execution_options(synchronize_session=False)
         .where(
             Delivery.id == delivery_id,
             Delivery.status == Status.PROCESSING,
