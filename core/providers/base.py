@@ -31,6 +31,9 @@ class Accepted:
 
 class Provider(Protocol):
     name: str
+    # True when find_sent can really tell whether a key was sent (Postmark search, the outbox
+    # file); False when it cannot (Resend deduplicates re-sends instead; SMTP neither).
+    can_look_up: bool
 
     def send(self, email: Email) -> Accepted:
         """Hand the message over; raise a ProviderError subclass if it was not accepted."""

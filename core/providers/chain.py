@@ -155,6 +155,11 @@ class ProviderChain:
                     return run.sent(found)
                 if found is not None:
                     return run.failed(found.error_class, pinned=provider.name)
+            # A provider that cannot be asked may hold the message: stay with it (Resend
+            # turns a re-send with the same key into the first message), never fail over.
+            blind = next((p for p in self.providers if not p.can_look_up), None)
+            if blind is not None:
+                return self._send_pinned(blind.name, run, look=False)
         for provider in self.providers:
             result: Accepted | ProviderError | None = self._gate(provider, run)
             if result is None:
@@ -171,7 +176,7 @@ class ProviderChain:
         if self._on_close is not None:
             self._on_close()
 
-    def _send_pinned(self, name: str, run: _Run) -> Outcome:
+    def _send_pinned(self, name: str, run: _Run, *, look: bool = True) -> Outcome:
         provider = self._by_name.get(name)
         if provider is None:
             # Sending elsewhere could duplicate the letter: wait until the provider is back.
@@ -179,7 +184,7 @@ class ProviderChain:
                 ErrorClass.AMBIGUOUS, pinned=name, error=f"pinned provider {name} is not configured"
             )
         result: Accepted | ProviderError | None = self._gate(provider, run)
-        if result is None:
+        if result is None and look:
             result = self._lookup(provider, run)
         if result is None:
             result = self._send_one(provider, run)

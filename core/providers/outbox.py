@@ -25,6 +25,7 @@ class OutboxProvider:
     """Writes each message to `{directory}/{idempotency_key}.eml`."""
 
     name = NAME
+    can_look_up = True
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)

@@ -33,6 +33,7 @@ class PostmarkProvider:
     """Sends through the Postmark HTTP API."""
 
     name = NAME
+    can_look_up = True
 
     def __init__(
         self,

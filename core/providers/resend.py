@@ -31,6 +31,7 @@ class ResendProvider:
     """Sends through the Resend HTTP API."""
 
     name = NAME
+    can_look_up = False
 
     def __init__(
         self,

@@ -65,6 +65,7 @@ class SmtpProvider:
     """Sends over SMTP (optionally STARTTLS and AUTH), one connection per message."""
 
     name = NAME
+    can_look_up = False
 
     def __init__(
         self,

@@ -43,9 +43,14 @@ class Scripted:
     """A provider that answers from a script: Accepted values or exceptions, in order."""
 
     def __init__(
-        self, name: str, *script: Accepted | Exception, found: Accepted | Exception | None = None
+        self,
+        name: str,
+        *script: Accepted | Exception,
+        found: Accepted | Exception | None = None,
+        can_look_up: bool = True,
     ):
         self.name = name
+        self.can_look_up = can_look_up
         self.script = list(script)
         self.found = found
         self.sent: list[Email] = []
@@ -497,3 +502,31 @@ def test_without_look_first_no_lookup_is_made() -> None:
     postmark = Scripted("postmark", found=Accepted("postmark", "pm-1", 200))
     outcome = ProviderChain([postmark]).send(make_email(), now=T0, clock=clock)
     assert outcome.sent and postmark.lookups == 0 and len(postmark.sent) == 1
+
+
+def test_after_an_unknown_outcome_a_provider_that_cannot_be_asked_is_never_failed_over_from() -> (
+    None
+):
+    # Given an earlier run died after Resend (which cannot be asked) may have accepted it,
+    # Postmark's lookup finds nothing and Resend now answers 503
+    resend = Scripted(
+        "resend", TransientProviderError("resend", "503", status_code=503), can_look_up=False
+    )
+    postmark = Scripted("postmark")
+
+    outcome = ProviderChain([resend, postmark]).send(
+        make_email(), look_first=True, now=T0, clock=clock
+    )
+
+    # Then nothing goes to Postmark: the delivery retries Resend (same key) later
+    assert outcome.error_class == "transient" and outcome.pinned_provider == "resend"
+    assert postmark.sent == [] and postmark.lookups == 1 and len(resend.sent) == 1
+
+
+def test_after_an_unknown_outcome_the_blind_provider_is_used_even_when_it_is_not_first() -> None:
+    postmark = Scripted("postmark")
+    smtp = Scripted("smtp", can_look_up=False)
+    outcome = ProviderChain([postmark, smtp]).send(
+        make_email(), look_first=True, now=T0, clock=clock
+    )
+    assert outcome.sent and outcome.provider == "smtp" and postmark.sent == []
