@@ -6,6 +6,7 @@ SqliteHuey under var/), provider settings; it builds the environment every proce
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -119,6 +120,14 @@ class Consumer:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the child: its own process group (so a SIGKILL takes its threads and children), and
+    SIGKILL when the test process dies, however it dies (a killed pytest runs no teardown)."""
+    os.setsid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def wait_for(
