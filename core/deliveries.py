@@ -545,6 +545,13 @@ def record_outcome(
         )
         return Recorded(Status.SCHEDULED, next_attempt_at=next_at)
 
+    # A delivery pinned after an ambiguous outcome may have arrived, whatever the last try
+    # said: it fails as ambiguous, for a person to check, never for a blind automatic retry.
+    failed_class = (
+        ErrorClass.AMBIGUOUS
+        if outcome.pinned_provider and outcome.error_class == ErrorClass.TRANSIENT
+        else outcome.error_class
+    )
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
@@ -553,7 +560,7 @@ def record_outcome(
             status=Status.FAILED,
             failed_at=now,
             task_id=None,
-            error_class=outcome.error_class,
+            error_class=failed_class,
             last_error=outcome.error,
             pinned_provider=outcome.pinned_provider,
             **common,
@@ -571,7 +578,7 @@ def record_outcome(
         now=now,
         delivery_id=claimed.delivery_id,
         reason=outcome.error,
-        data={**event_data, "error_class": outcome.error_class, "refunded": refunded},
+        data={**event_data, "error_class": failed_class, "refunded": refunded},
     )
     notify = notifications.request(
         session,

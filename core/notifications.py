@@ -58,6 +58,12 @@ def request(
 
 
 MAX_NOTIFICATION_ATTEMPTS = 5
+_NEXT_STEP = {
+    "transient": "We will keep trying automatically for a while.\n",
+    "ambiguous": "It may have reached the recipient after all; our support team is checking.\n",
+    "possibly_sent": "It may have reached the recipient after all; our support team is checking.\n",
+    "permanent": "Our support team has been told and will look into it.\n",
+}
 
 
 def _compose(delivery: Delivery, user: User, sender: str, key: str) -> Email:
@@ -66,11 +72,7 @@ def _compose(delivery: Delivery, user: User, sender: str, key: str) -> Email:
         f"Hello {user.name or user.email},\n\n"
         f"The letter you scheduled for {when} to {delivery.recipient_email} could not be "
         "delivered.\n"
-        + (
-            "We will keep trying automatically for a while.\n"
-            if delivery.error_class in {"transient", "ambiguous"}
-            else "Our support team has been told and will look into it.\n"
-        )
+        + _NEXT_STEP.get(delivery.error_class or "", _NEXT_STEP["permanent"])
         + f"\nReference: {delivery.id}\n\n— Capsule\n"
     )
     return Email(

@@ -40,7 +40,9 @@ DISPATCHER = "dispatcher"
 BACKSTOP = "backstop"
 FAILED_RETRIER = "failed_retrier"
 KINDS = (DISPATCHER, BACKSTOP, FAILED_RETRIER)
-AUTO_RETRY_CLASSES = (ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED)
+# Not ambiguous: such a letter may have arrived, and Resend forgets an idempotency key after
+# 24 h, so a retry after the cool-off could send it twice. People decide (console warning).
+AUTO_RETRY_CLASSES = (ErrorClass.TRANSIENT, ErrorClass.LEASE_EXPIRED)
 
 
 @dataclass
@@ -219,7 +221,8 @@ def _recover_leases(app: App, now: datetime) -> list[uuid.UUID]:
 def run_failed_retrier(app: App, *, now: datetime, enqueuer: Enqueuer | None = None) -> RunReport:
     """Requeue transient failures past the cool-off, under the total-attempt cap.
 
-    Permanent failures (and "possibly sent", and unreadable letters) are never retried here.
+    Permanent, ambiguous and "possibly sent" failures, and unreadable letters, are never
+    retried here.
     """
     enqueuer = enqueuer or app.enqueuer
     settings = app.settings

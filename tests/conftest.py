@@ -86,7 +86,7 @@ def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this run, migrated once, dropped at the end."""
     name = f"capsule_test_{RUN_ID}"
     try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:

@@ -444,3 +444,12 @@ def test_a_provider_circuit_opening_posts_one_alert(
     ]
     assert "resend circuit opened" in webhook.posts[0]["text"]
     app.chain.close()
+
+
+def test_failed_retrier_leaves_ambiguous_failures_to_people(app: App) -> None:
+    delivery_id = schedule(app, make_user(app)).delivery_id
+    fail(app, delivery_id, "ambiguous")
+
+    report = run_failed_retrier(app, now=SOON + timedelta(days=3))
+
+    assert report.found == 0 and row(app, delivery_id).status == Status.FAILED

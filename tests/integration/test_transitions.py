@@ -609,3 +609,23 @@ def test_requeue_with_a_stale_expected_version_is_refused(app: App) -> None:
         expected_version=seen,
     )
     assert row(app, result.delivery_id).status == Status.SCHEDULED
+
+
+def test_a_pinned_delivery_that_runs_out_of_attempts_fails_as_ambiguous(app: App) -> None:
+    # Given a delivery pinned to Resend after a timeout that may have been an acceptance
+    result = schedule(app, make_user(app))
+    settings = app.settings.__class__(**{**app.settings.__dict__, "max_attempts": 1})
+    with session_scope(app.session_factory) as session:
+        claimed = claim(session, result.delivery_id, "t1", now=SOON, lease_seconds=60)
+        assert claimed is not None
+        # When its last try meets an open circuit (transient)
+        outcome = Outcome(
+            error_class="transient", error="resend: circuit open", pinned_provider="resend"
+        )
+        recorded = record_outcome(session, claimed, outcome, settings, now=SOON)
+        session.commit()
+
+    # Then it fails as ambiguous, still pinned, and keeps its credit
+    stored = row(app, result.delivery_id)
+    assert recorded.status == Status.FAILED
+    assert stored.error_class == "ambiguous" and stored.pinned_provider == "resend"
