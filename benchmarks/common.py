@@ -247,7 +247,7 @@ class Bench:
         self.redis_url = f"{REDIS_BASE}/{REDIS_DB}"
         self.var_dir = RESULTS / "runs" / f"{self.name}-{self.run_id}"
         self.consumers: list[Consumer] = []
-        self._admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        self._admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
         with self._admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.database}"'))
         self.database_url = str(
@@ -377,8 +377,18 @@ class Bench:
         with contextlib.suppress(Exception):
             self.app.engine.dispose()
         if not self.keep_database:
-            with self._admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+            for attempt in range(10):  # the server may just have restarted (chaos)
+                try:
+                    with self._admin.connect() as conn:
+                        conn.execute(
+                            text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                        )
+                    break
+                except Exception as exc:
+                    self._admin.dispose()
+                    if attempt == 9:
+                        print(f"could not drop {self.database}: {exc}", flush=True)
+                    time.sleep(2)
         self._admin.dispose()
 
     def __enter__(self) -> Bench:
