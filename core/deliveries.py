@@ -37,7 +37,7 @@ from core.errors import (
 )
 from core.models import Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
 from core.outcomes import Outcome
-from core.policy import backoff_seconds, lease_until, within_horizon
+from core.policy import backoff_seconds, deferral_seconds, lease_until, within_horizon
 
 _ADDRESS = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
@@ -503,15 +503,25 @@ def record_outcome(
         )
         return Recorded(status)
 
-    retry = outcome.error_class in RETRYABLE and claimed.round_attempts < settings.max_attempts
+    # A run that reached no provider (circuits open, rate limit closed) tried nothing: it
+    # gives its attempt back and comes again once the gate may open, whatever the count.
+    deferred = outcome.deferred and outcome.error_class in RETRYABLE
+    retry = deferred or (
+        outcome.error_class in RETRYABLE and claimed.round_attempts < settings.max_attempts
+    )
     if retry:
-        delay = backoff_seconds(
-            claimed.round_attempts,
-            base=settings.backoff_base_seconds,
-            cap=settings.backoff_max_seconds,
-            retry_after=outcome.retry_after,
-            rng=rng,
-        )
+        if deferred:
+            delay = deferral_seconds(
+                outcome.retry_after, spread=settings.backoff_base_seconds, rng=rng
+            )
+        else:
+            delay = backoff_seconds(
+                claimed.round_attempts,
+                base=settings.backoff_base_seconds,
+                cap=settings.backoff_max_seconds,
+                retry_after=outcome.retry_after,
+                rng=rng,
+            )
         next_at = now + timedelta(seconds=delay)
         result = session.execute(
             update(Delivery)
@@ -525,6 +535,7 @@ def record_outcome(
                 error_class=outcome.error_class,
                 last_error=outcome.error,
                 pinned_provider=outcome.pinned_provider,
+                round_attempts=Delivery.round_attempts - (1 if deferred else 0),
                 **common,
             )
         )
@@ -532,7 +543,7 @@ def record_outcome(
             return _discarded(session, claimed, outcome, now, event_data)
         audit.record(
             session,
-            "delivery.retry_scheduled",
+            "delivery.deferred" if deferred else "delivery.retry_scheduled",
             actor=audit.SYSTEM,
             now=now,
             delivery_id=claimed.delivery_id,

@@ -31,6 +31,8 @@ class Outcome:
     error: str | None = None
     retry_after: float | None = None
     pinned_provider: str | None = None
+    # No provider was called (circuits open, rate limit closed): not one of the attempts.
+    deferred: bool = False
 
     @property
     def sent(self) -> bool:

@@ -37,6 +37,19 @@ def backoff_seconds(
     return max(draw, retry_after or 0.0)
 
 
+def deferral_seconds(
+    retry_after: float | None, *, spread: float, rng: random.Random | None = None
+) -> float:
+    """Delay before retrying a run that called no provider (circuit open, rate limit closed).
+
+    Not before the gate can open (`retry_after`), then spread uniformly over the next
+    `spread` seconds (at least as long as the wait itself): every letter held back by one open
+    circuit would otherwise come back at the instant it turns half-open, when it admits one.
+    """
+    wait = max(0.0, retry_after or 0.0)
+    return wait + (rng or random).uniform(0, max(spread, wait))
+
+
 def lease_until(now: datetime, lease_seconds: float) -> datetime:
     return now + timedelta(seconds=lease_seconds)
 

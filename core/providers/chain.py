@@ -4,11 +4,16 @@ not accepted (DESIGN.md invariant 7).
     for each provider, in order:
         circuit open            → "skipped", next provider
         rate limit (after ≤ ~1 s of waiting in total) → "transient", next provider
+        circuit half-open       → this run makes the one trial call, or "skipped" if another has it
         Accepted                → sent
         TransientProviderError  → count a circuit failure, next provider
         AmbiguousProviderError  → count a circuit failure, stop; pin this provider
         PermanentProviderError  → stop (PossiblySentError → "possibly_sent")
-    all transient → "transient", retry after the largest Retry-After seen
+    all transient → "transient", retry after the largest Retry-After seen (the earliest
+                    reopening when no provider was called)
+
+A run that called no provider at all (every one skipped or held back by the rate limit) is
+`deferred`: the worker retries it without counting it as one of the delivery's attempts.
 
 A delivery pinned to a provider (after an ambiguous outcome) uses only that provider and asks
 it first whether the message already went out (`find_sent`). Every failure outcome of a pinned
@@ -28,7 +33,7 @@ from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
 from core.policy import utcnow
 from core.providers.base import Accepted, Email, Provider
-from core.providers.circuit import CircuitBreaker
+from core.providers.circuit import OPEN, CircuitBreaker
 from core.providers.http import short
 from core.providers.ratelimit import RateLimiter
 
@@ -50,6 +55,7 @@ class _Run:
     wait_budget: float
     calls: list[ProviderCall] = field(default_factory=list)
     errors: list[ProviderError] = field(default_factory=list)
+    called: bool = False  # some provider was actually asked or sent to
 
     def record(
         self,
@@ -96,12 +102,17 @@ class _Run:
     ) -> Outcome:
         retry_afters = [e.retry_after for e in self.errors if e.retry_after is not None]
         summary = error or "; ".join(str(e) for e in self.errors) or "no provider available"
+        deferred = not self.called and error_class == ErrorClass.TRANSIENT
+        # Providers that answered asked us to wait: respect the longest. Gates that kept us
+        # from calling any provider: come back when the first of them may open.
+        pick = min if deferred else max
         return Outcome(
             error_class=error_class,
             calls=self.calls,
             error=short(summary, ERROR_LIMIT),
-            retry_after=max(retry_afters) if retry_afters else None,
+            retry_after=pick(retry_afters) if retry_afters else None,
             pinned_provider=pinned,
+            deferred=deferred,
         )
 
 
@@ -193,24 +204,42 @@ class ProviderChain:
         return run.failed(result.error_class, pinned=name)
 
     def _gate(self, provider: Provider, run: _Run) -> ProviderError | None:
-        """An error if the circuit is open or the rate limit stays closed; None to go ahead."""
+        """An error if the circuit is open or the rate limit stays closed; None to go ahead.
+
+        Order matters: an open circuit is read from the cache and costs nothing; the rate
+        limit comes next; only a run that is free to call claims a half-open circuit's one
+        trial (claiming it moves the reopening a full period ahead, so a trial claimed and
+        then held back by the rate limit would keep the circuit open for nothing).
+        """
         started = run.start()
-        if self.breaker is not None and not self.breaker.allow(provider.name, now=run.now):
-            error = TransientProviderError(
-                provider.name,
-                "circuit open",
-                error_code=CIRCUIT_OPEN,
-                retry_after=self._open_for(provider, run),
-            )
-            run.record(provider.name, "skipped", started, error=error, message="circuit open")
-            return error
+        if self.breaker is not None and self._is_open(provider, run):
+            return self._skip(provider, run, started)
         wait = self._wait_for_rate(provider.name, run)
-        if wait <= 0:
-            return None
+        if wait > 0:
+            error = TransientProviderError(
+                provider.name, "rate limited locally", error_code=RATE_LIMITED, retry_after=wait
+            )
+            run.record(provider.name, ErrorClass.TRANSIENT, started, error=error)
+            return error
+        if self.breaker is not None and not self.breaker.allow(provider.name, now=run.now):
+            return self._skip(provider, run, started)  # another run holds the trial
+        return None
+
+    def _is_open(self, provider: Provider, run: _Run) -> bool:
+        assert self.breaker is not None
+        state = self.breaker.state(provider.name, now=run.now)
+        return state.status(run.now) == OPEN
+
+    def _skip(
+        self, provider: Provider, run: _Run, started: tuple[datetime, float]
+    ) -> ProviderError:
         error = TransientProviderError(
-            provider.name, "rate limited locally", error_code=RATE_LIMITED, retry_after=wait
+            provider.name,
+            "circuit open",
+            error_code=CIRCUIT_OPEN,
+            retry_after=self._open_for(provider, run),
         )
-        run.record(provider.name, ErrorClass.TRANSIENT, started, error=error)
+        run.record(provider.name, "skipped", started, error=error, message="circuit open")
         return error
 
     def _wait_for_rate(self, name: str, run: _Run) -> float:
@@ -231,6 +260,7 @@ class ProviderChain:
     def _lookup(self, provider: Provider, run: _Run) -> Accepted | ProviderError | None:
         """Ask the pinned provider whether this key already produced a message."""
         started = run.start()
+        run.called = True
         try:
             found = provider.find_sent(run.email)
         except ProviderError as exc:
@@ -259,6 +289,7 @@ class ProviderChain:
 
     def _send_one(self, provider: Provider, run: _Run) -> Accepted | ProviderError:
         started = run.start()
+        run.called = True
         try:
             accepted = provider.send(run.email)
         except ProviderError as exc:

@@ -629,3 +629,35 @@ def test_a_pinned_delivery_that_runs_out_of_attempts_fails_as_ambiguous(app: App
     stored = row(app, result.delivery_id)
     assert recorded.status == Status.FAILED
     assert stored.error_class == "ambiguous" and stored.pinned_provider == "resend"
+
+
+def test_a_run_that_reached_no_provider_gives_its_attempt_back(app: App) -> None:
+    # Given a delivery on its last allowed attempt
+    result = schedule(app, make_user(app))
+    settings = app.settings.__class__(**{**app.settings.__dict__, "max_attempts": 1})
+    with session_scope(app.session_factory) as session:
+        claimed = claim(session, result.delivery_id, "t1", now=SOON, lease_seconds=60)
+        assert claimed is not None and claimed.round_attempts == 1
+        # When every provider's circuit was open, so nothing was called
+        outcome = Outcome(
+            error_class="transient", error="circuit open", retry_after=40, deferred=True
+        )
+        recorded = record_outcome(session, claimed, outcome, settings, now=SOON)
+        session.commit()
+
+    # Then it is not failed: it waits for the circuit, spread over the next backoff base
+    stored = row(app, result.delivery_id)
+    assert recorded.status == Status.SCHEDULED and stored.status == Status.SCHEDULED
+    assert stored.round_attempts == 0 and stored.attempt_count == 1
+    lo = SOON + timedelta(seconds=40)
+    assert lo <= stored.next_attempt_at <= lo + timedelta(seconds=settings.backoff_base_seconds)
+    assert events(app, result.delivery_id)[-1] == "delivery.deferred"
+
+    # And a real transient answer on the next run still counts and fails it at the cap
+    with session_scope(app.session_factory) as session:
+        later = stored.next_attempt_at
+        claimed = claim(session, result.delivery_id, "t2", now=later, lease_seconds=60)
+        assert claimed is not None and claimed.round_attempts == 1
+        outcome = Outcome(error_class="transient", error="503")
+        assert record_outcome(session, claimed, outcome, settings, now=later).status == "failed"
+        session.commit()

@@ -20,7 +20,7 @@ from core.policy import utcnow
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer
 from tests.fakes.provider_server import FakeProviderServer
-from tests.integration.test_transitions import row
+from tests.integration.test_transitions import events, row
 
 
 def provider_settings(
@@ -262,6 +262,48 @@ def test_transient_everywhere_backs_off_then_fails_and_keeps_the_credit_for_the_
     assert statuses[-1] == Status.FAILED and set(statuses[:-1]) == {Status.SCHEDULED}
     assert row(world, delivery_id).error_class == "transient"
     assert len(attempts(world, delivery_id)) == 2 * world.settings.max_attempts
+
+
+def test_an_outage_that_opens_every_circuit_delays_a_letter_but_never_fails_it(
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    database_url: str,
+    keyring,
+    enqueuer: RecordingEnqueuer,
+) -> None:
+    settings = provider_settings(
+        provider_server, tmp_path, database_url, circuit_failure_threshold=1, max_attempts=2
+    )
+    engine = make_engine(settings)
+    app = build_app(settings, enqueuer, engine=engine, keyring=keyring)
+    try:
+        # Given both providers down: the first run calls both and opens both circuits
+        provider_server.set_faults("all", p_5xx=1.0)
+        delivery_id = due_now(app)
+        now = utcnow()
+        assert run_delivery(app, delivery_id, "t0", clock=lambda: now) == Status.SCHEDULED
+        calls = len(attempts(app, delivery_id))
+        opened_until = now + timedelta(seconds=settings.circuit_reset_seconds)
+
+        # When its last allowed run comes while both circuits are still open
+        now = row(app, delivery_id).next_attempt_at
+        assert now < opened_until
+        assert run_delivery(app, delivery_id, "t1", clock=lambda: now) == Status.SCHEDULED
+
+        # Then that run reached no provider, did not count, and waits for the circuits
+        stored = row(app, delivery_id)
+        assert stored.round_attempts == 1 and stored.next_attempt_at >= opened_until
+        assert [a.outcome for a in attempts(app, delivery_id)[calls:]] == ["skipped", "skipped"]
+        assert events(app, delivery_id)[-1] == "delivery.deferred"
+
+        # And once the providers are back, the half-open trial sends it
+        provider_server.set_faults("all")
+        now = stored.next_attempt_at
+        assert run_delivery(app, delivery_id, "t2", clock=lambda: now) == Status.SENT
+        assert provider_server.count_for_key(key_of(app, delivery_id)) == 1
+    finally:
+        app.chain.close()
+        engine.dispose()
 
 
 def test_a_canceled_or_rescheduled_later_delivery_sends_nothing_when_its_old_task_wakes(

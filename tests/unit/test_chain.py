@@ -332,6 +332,42 @@ def test_ambiguous_counts_toward_the_circuit_and_permanent_does_not(
     assert breaker.allow("postmark", now=T0)
 
 
+def test_a_run_that_reaches_no_provider_is_deferred_and_one_that_calls_one_is_not(
+    circuit_sessions: SessionFactory,
+) -> None:
+    breaker = CircuitBreaker(circuit_sessions, threshold=1, reset_seconds=60)
+    breaker.record_failure("resend", now=T0 - timedelta(seconds=30), message="down")
+    postmark = Scripted("postmark", transient("postmark"))
+
+    called = send(ProviderChain([Scripted("resend"), postmark], breaker=breaker))
+    skipped_only = send(ProviderChain([Scripted("resend"), postmark], breaker=breaker))
+    pinned = send(ProviderChain([Scripted("resend")], breaker=breaker), pinned="resend")
+
+    assert called.error_class == "transient" and not called.deferred
+    assert outcomes(skipped_only) == [("resend", "skipped"), ("postmark", "skipped")]
+    assert skipped_only.deferred and skipped_only.retry_after == pytest.approx(30)
+    assert pinned.deferred and pinned.pinned_provider == "resend"
+
+
+def test_a_half_open_trial_is_not_claimed_by_a_run_the_rate_limit_holds_back(
+    circuit_sessions: SessionFactory,
+) -> None:
+    # Given a circuit whose open period is over (half-open: one trial call may go)
+    breaker = CircuitBreaker(circuit_sessions, threshold=1, reset_seconds=60)
+    breaker.record_failure("resend", now=T0 - timedelta(seconds=61), message="down")
+    resend = Scripted("resend")
+
+    # When a run is held back by the rate limit
+    held = send(ProviderChain([resend], breaker=breaker, limiter=ScriptedLimiter(forever=5.0)))
+
+    # Then it calls nothing, leaves the trial to the next run, and that run closes the circuit
+    assert outcomes(held) == [("resend", "transient")] and held.deferred
+    assert breaker.state("resend", now=T0).status(T0) == "half_open"
+    result = send(ProviderChain([resend], breaker=breaker))
+    assert result.sent and len(resend.sent) == 1
+    assert breaker.state("resend", now=T0).status(T0) == "closed"
+
+
 # ---------------------------------------------------------------- rate limit
 
 

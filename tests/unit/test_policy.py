@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from core.errors import InvalidDeliveryTime
-from core.policy import backoff_seconds, lease_until, parse_when, within_horizon
+from core.policy import (
+    backoff_seconds,
+    deferral_seconds,
+    lease_until,
+    parse_when,
+    within_horizon,
+)
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -28,6 +34,19 @@ def test_backoff_honours_retry_after_and_rejects_attempt_zero() -> None:
     assert backoff_seconds(1, base=30, cap=3600, retry_after=600, rng=random.Random(0)) == 600
     with pytest.raises(ValueError):
         backoff_seconds(0, base=30, cap=3600)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "spread", "low", "high"),
+    [(40.0, 30.0, 40, 80), (5.0, 30.0, 5, 35), (None, 30.0, 0, 30), (0.02, 0.0, 0.02, 0.04)],
+)
+def test_deferral_waits_for_the_gate_then_spreads_the_herd(
+    retry_after: float | None, spread: float, low: float, high: float
+) -> None:
+    rng = random.Random(2)
+    draws = [deferral_seconds(retry_after, spread=spread, rng=rng) for _ in range(300)]
+    assert all(low <= d <= high for d in draws)
+    assert max(draws) - min(draws) > (high - low) / 2  # spread, not one instant
 
 
 def test_lease_and_horizon() -> None:
