@@ -88,6 +88,15 @@ class ErrorClass(enum.StrEnum):
 
 TERMINAL = frozenset({Status.SENT, Status.CANCELED})
 
+# Failures the failed retrier may resend on its own: definitely not accepted, or a run that
+# died before it knew (its recovery looks first). Not ambiguous: such a letter may have
+# arrived, and Resend forgets an idempotency key after 24 h, so a retry after the cool-off
+# could send it twice; people decide (console warning). The partial index lists them too.
+AUTO_RETRY_CLASSES = (ErrorClass.TRANSIENT, ErrorClass.LEASE_EXPIRED)
+RETRYABLE_FAILED = "status = 'failed' AND error_class IN ({})".format(
+    ", ".join(f"'{c.value}'" for c in AUTO_RETRY_CLASSES)
+)
+
 
 class User(Base):
     __tablename__ = "users"
@@ -151,10 +160,20 @@ class Delivery(Base):
             postgresql_where=text("status = 'failed'"),
             sqlite_where=text("status = 'failed'"),
         ),
-        # sent in the last 24 h, lateness, throughput
+        # failed and still retryable by the failed retrier (AUTO_RETRY_CLASSES): the total
+        # cap is an index condition, so rows that used up their attempts cost nothing
+        Index(
+            "ix_deliveries_retryable",
+            "attempt_count",
+            "failed_at",
+            postgresql_where=text(RETRYABLE_FAILED),
+            sqlite_where=text(RETRYABLE_FAILED),
+        ),
+        # sent in a window: throughput, and lateness read from the index alone (deliver_at)
         Index(
             "ix_deliveries_sent",
             "sent_at",
+            "deliver_at",
             postgresql_where=text("status = 'sent'"),
             sqlite_where=text("status = 'sent'"),
         ),

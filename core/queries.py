@@ -7,7 +7,7 @@ and nothing loads a whole table. Aggregation happens in SQL and leans on the par
     ix_deliveries_due     scheduled rows by next_attempt_at   tiles, stuck rows
     ix_deliveries_lease   processing rows by lease_until      tiles, stuck rows
     ix_deliveries_failed  failed rows by error class, time    triage, bulk filters
-    ix_deliveries_sent    sent rows by sent_at                sent in 24 h, lateness, throughput
+    ix_deliveries_sent    sent rows by sent_at, deliver_at    sent in 24 h, lateness (index-only), throughput
 
 Percentiles are `percentile_cont` on PostgreSQL; on SQLite the same linear interpolation is
 computed from window functions (row_number / count per bucket), so both give one answer.

@@ -31,7 +31,7 @@ from core.deliveries import recover_expired_lease, requeue_delivery
 from core.dispatch import Enqueuer, dispatch
 from core.errors import CapsuleError, EnqueueError
 from core.locks import single_runner
-from core.models import Delivery, ErrorClass, ReconcilerRun, Status
+from core.models import AUTO_RETRY_CLASSES, Delivery, ReconcilerRun, Status
 from core.policy import horizon_end
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ DISPATCHER = "dispatcher"
 BACKSTOP = "backstop"
 FAILED_RETRIER = "failed_retrier"
 KINDS = (DISPATCHER, BACKSTOP, FAILED_RETRIER)
-# Not ambiguous: such a letter may have arrived, and Resend forgets an idempotency key after
-# 24 h, so a retry after the cool-off could send it twice. People decide (console warning).
-AUTO_RETRY_CLASSES = (ErrorClass.TRANSIENT, ErrorClass.LEASE_EXPIRED)
 
 
 @dataclass
