@@ -16,6 +16,10 @@ and the rest of the rows are history and future, in the proportions of a live sy
 delivery has its letter, credit entries, one or two provider attempts and two audit events;
 reconciler_runs holds a week of runs (the same at every size).
 
+The console is measured as it runs live: the hourly rollup (core.rollup) has run, so long
+windows read finished buckets from sent_rollups; the same 30 days computed from the sent rows
+alone is measured too, and the rollup task's own first and routine runs.
+
 Reconciler queries are captured from the real functions (core.reconcile: run_dispatcher's
 select, _take_unclaimed, _recover_leases, run_failed_retrier's select) run inside a
 transaction that is rolled back, then re-executed with the same parameters. Console queries
@@ -423,6 +427,9 @@ def console(bench: Bench, now: datetime, repeat: int) -> list[Measured]:
         "sent_series 30 days / day": lambda s: queries.sent_series(
             s, now=now, window=timedelta(days=30), bucket="day"
         ),
+        "sent_series 30 days / day, nothing rolled up": lambda s: queries.sent_stats(
+            s, since=now - timedelta(days=30), until=None, bucket="day"
+        ),
         "reconciliation_series 24 h": lambda s: queries.reconciliation_series(
             s, now=now, window=timedelta(hours=24), bucket="hour"
         ),
@@ -459,8 +466,41 @@ def console(bench: Bench, now: datetime, repeat: int) -> list[Measured]:
                 if statement.lstrip().upper().startswith("SELECT") and statement != "select 1":
                     plans.append(_explain(conn, statement, parameters))
             conn.rollback()
-        out.append(Measured(name, "console", ms, None, plans))
+        group = "console (info)" if "nothing rolled up" in name else "console"
+        out.append(Measured(name, group, ms, None, plans))
     return out
+
+
+def rollups(bench: Bench, now: datetime) -> list[Measured]:
+    """The hourly rollup task: its first run (every bucket of 35 days and 8 days of hours is
+    missing) and a routine run (one new hour). Leaves the rollups in place, as a live system
+    has them, for the console measurements that follow."""
+    from sqlalchemy import delete, func, select
+
+    from core.models import SentRollup
+    from core.rollup import roll_up
+
+    def timed() -> float:
+        with session_scope(bench.app.session_factory) as session:
+            t0 = time.perf_counter()
+            roll_up(session, now=now)
+            session.commit()
+            return (time.perf_counter() - t0) * 1000
+
+    first = timed()
+    with session_scope(bench.app.session_factory) as session:
+        newest = select(func.max(SentRollup.start)).where(SentRollup.bucket == "hour")
+        session.execute(
+            delete(SentRollup).where(
+                SentRollup.bucket == "hour", SentRollup.start == newest.scalar_subquery()
+            )
+        )
+        session.commit()
+    hourly = timed()
+    return [
+        Measured("rollup, first run (35 days + 191 hours)", "rollup", first),
+        Measured("rollup, routine run (one new hour)", "rollup", hourly),
+    ]
 
 
 def measure(n: int, args: Any) -> dict[str, Any]:
@@ -470,7 +510,8 @@ def measure(n: int, args: Any) -> dict[str, Any]:
         seconds = generate(bench, n, now)
         log(f"generated in {seconds:.0f} s; measuring (load {load()})")
         sizes = _sizes(bench)
-        before = reconciler(bench, now, args.repeat) + console(bench, now, args.repeat)
+        rolled = rollups(bench, now)
+        before = reconciler(bench, now, args.repeat) + console(bench, now, args.repeat) + rolled
         result: dict[str, Any] = {
             "deliveries": n,
             "generate_seconds": round(seconds, 1),

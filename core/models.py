@@ -308,6 +308,25 @@ class ProviderState(Base):
     updated_at: Mapped[datetime]
 
 
+class SentRollup(Base):
+    """Letters sent in one finished hour or day (UTC) and their lateness percentiles.
+
+    Written once per bucket by `core.rollup` after the bucket has settled; the console's long
+    windows read these instead of every sent row (docs/benchmarks.md, Scale).
+    """
+
+    __tablename__ = "sent_rollups"
+    __table_args__ = (CheckConstraint("bucket in ('hour','day')", name="bucket"),)
+
+    bucket: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[datetime] = mapped_column(primary_key=True)
+    sent: Mapped[int]
+    p50: Mapped[float | None]
+    p95: Mapped[float | None]
+    p99: Mapped[float | None]
+    computed_at: Mapped[datetime]
+
+
 class Alert(Base):
     """Alerts raised; also the rate limit (one per kind per window)."""
 

@@ -49,6 +49,7 @@ from core.models import (
     Notification,
     ProviderState,
     ReconcilerRun,
+    SentRollup,
     Status,
     User,
 )
@@ -196,14 +197,21 @@ def _interpolate(n: int, p: float, lower: float | None, upper: float | None) -> 
     return float(lower) + fraction * (float(upper if upper is not None else lower) - float(lower))
 
 
-def _sent_stats_sqlite(session: Session, since: datetime, bucket: str) -> pd.DataFrame:
+def _sent_in(since: datetime, until: datetime | None) -> list[ColumnElement[bool]]:
+    bounds = [_is(Status.SENT), Delivery.sent_at >= since]
+    return bounds if until is None else [*bounds, Delivery.sent_at < until]
+
+
+def _sent_stats_sqlite(
+    session: Session, since: datetime, until: datetime | None, bucket: str
+) -> pd.DataFrame:
     lateness = _seconds_between(session, Delivery.sent_at, Delivery.deliver_at)
     sent = (
         select(
             _bucket_expr(session, Delivery.sent_at, bucket).label("bucket"),
             lateness.label("lateness"),
         )
-        .where(_is(Status.SENT), Delivery.sent_at >= since)
+        .where(*_sent_in(since, until))
         .subquery()
     )
     ranked = select(
@@ -230,7 +238,9 @@ def _sent_stats_sqlite(session: Session, since: datetime, bucket: str) -> pd.Dat
     return pd.DataFrame(out, columns=["bucket", "sent", "p50", "p95", "p99"])
 
 
-def _sent_stats_postgresql(session: Session, since: datetime, bucket: str) -> pd.DataFrame:
+def _sent_stats_postgresql(
+    session: Session, since: datetime, until: datetime | None, bucket: str
+) -> pd.DataFrame:
     lateness = _seconds_between(session, Delivery.sent_at, Delivery.deliver_at)
     bucket_col = _bucket_expr(session, Delivery.sent_at, bucket).label("bucket")
     query = (
@@ -239,7 +249,7 @@ def _sent_stats_postgresql(session: Session, since: datetime, bucket: str) -> pd
             func.count(),
             *[cast(func.percentile_cont(p).within_group(lateness), Float) for p in PERCENTILES],
         )
-        .where(_is(Status.SENT), Delivery.sent_at >= since)
+        .where(*_sent_in(since, until))
         .group_by(bucket_col)
     )
     rows = [[b, int(n), *[float(v) for v in vs]] for b, n, *vs in session.execute(query).all()]
@@ -259,19 +269,45 @@ def _reindex(frame: pd.DataFrame, starts: list[datetime], fill: dict[str, Any]) 
     return out.reset_index()
 
 
+def sent_stats(
+    session: Session, *, since: datetime, until: datetime | None, bucket: str
+) -> pd.DataFrame:
+    """Sent rows in [since, until) per bucket that has any: bucket, sent, p50, p95, p99."""
+    if _dialect(session) == "postgresql":
+        frame = _sent_stats_postgresql(session, since, until, bucket)
+    else:
+        frame = _sent_stats_sqlite(session, since, until, bucket)
+    return frame.assign(bucket=[_utc(b) for b in frame["bucket"]])
+
+
 def sent_series(
     session: Session, *, now: datetime, window: timedelta, bucket: str = "hour"
 ) -> pd.DataFrame:
     """Sent rows per bucket over `window`: bucket, sent, and lateness p50 / p95 / p99 in seconds.
 
-    Lateness is `sent_at - deliver_at`. Only sent rows inside the window are read (a range over
-    ix_deliveries_sent); every bucket appears, with NaN percentiles where nothing was sent.
+    Lateness is `sent_at - deliver_at`. Finished buckets come from `sent_rollups` where
+    `core.rollup` has written them; the rest (at least the current bucket) is computed from the
+    sent rows, from the first bucket not rolled up on (a range over ix_deliveries_sent, read
+    from the index alone). Every bucket appears, with NaN percentiles where nothing was sent.
     """
     since, starts = bucket_range(now, window, bucket)
-    if _dialect(session) == "postgresql":
-        frame = _sent_stats_postgresql(session, since, bucket)
-    else:
-        frame = _sent_stats_sqlite(session, since, bucket)
+    rolled = session.execute(
+        select(SentRollup.start, SentRollup.sent, SentRollup.p50, SentRollup.p95, SentRollup.p99)
+        .where(SentRollup.bucket == bucket, SentRollup.start >= since)
+        .order_by(SentRollup.start)
+    ).all()
+    covered = {_utc(r.start) for r in rolled}
+    live_from = next((start for start in starts if pd.Timestamp(start) not in covered), None)
+    parts = [
+        pd.DataFrame(
+            [[_utc(r.start), r.sent, r.p50, r.p95, r.p99] for r in rolled],
+            columns=["bucket", "sent", "p50", "p95", "p99"],
+        )
+    ]
+    if live_from is not None:
+        live = sent_stats(session, since=live_from, until=None, bucket=bucket)
+        parts.append(live[~live["bucket"].isin(covered)])
+    frame = pd.concat([p for p in parts if not p.empty] or parts[:1], ignore_index=True)
     out = _reindex(frame, starts, {"sent": 0})
     for column in ("p50", "p95", "p99"):
         out[column] = out[column].astype(float)

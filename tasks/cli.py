@@ -266,6 +266,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 1 if any(r.error_message for r in reports) else 0
 
 
+def cmd_rollup(args: argparse.Namespace) -> int:
+    from core.rollup import roll_up
+
+    app = _app()
+    with session_scope(app.session_factory) as session:
+        written = roll_up(session, now=utcnow())
+        session.commit()
+    print(json.dumps({"rollups_written": written}))
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from core import health
 
@@ -395,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the broker is unreachable, deliver due letters in this process",
     )
     add("health", cmd_health, "print the safety nets' health as JSON; exit 1 when unhealthy")
+    add(
+        "rollup",
+        cmd_rollup,
+        "summarise finished hours and days of sent letters for the console (hourly task)",
+    )
 
     p = add("reschedule", cmd_reschedule, "move a scheduled delivery to a new time")
     p.add_argument("id")

@@ -1,5 +1,6 @@
-"""Periodic safety nets. Every consumer schedules them; the single-runner lock and the
-once-per-slot record in core.reconcile make each run happen once across all consumers."""
+"""Periodic tasks. Every consumer schedules them. The safety nets run once across all
+consumers (the single-runner lock and the once-per-slot record in core.reconcile); the rollup
+may run on several at once, and a row already written is kept."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import socket
 
 from huey import crontab
 
+from core.db import session_scope
 from core.policy import utcnow
 from core.reconcile import BACKSTOP, DISPATCHER, FAILED_RETRIER, run_safety_net, slot_for
+from core.rollup import roll_up
 from huey_app import huey
 from tasks.runtime import get_app
 
@@ -34,3 +37,10 @@ def backstop() -> None:
 @huey.periodic_task(crontab(minute="17"), name="capsule.failed_retrier")
 def failed_retrier() -> None:
     _run(FAILED_RETRIER)
+
+
+@huey.periodic_task(crontab(minute="20"), name="capsule.rollup")
+def rollup() -> None:
+    with session_scope(get_app().session_factory) as session:
+        roll_up(session, now=utcnow())
+        session.commit()

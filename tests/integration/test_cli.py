@@ -165,6 +165,7 @@ def test_invalid_setting_fails_at_start_naming_the_variable(cli: Cli) -> None:
         ["reschedule"],
         ["reconcile"],
         ["health"],
+        ["rollup"],
         ["user", "add"],
     ],
 )
@@ -210,6 +211,13 @@ def test_key_rotation_reencrypts_every_letter(cli: Cli) -> None:
 def test_demo_seeds_once(cli: Cli) -> None:
     assert "seeded demo" in cli.ok("demo", "--count", "200")
     assert "already present" in cli.ok("demo")
+
+
+def test_rollup_summarises_the_demo_history_once(cli: Cli) -> None:
+    cli.ok("demo", "--count", "200")
+    first = json.loads(cli.ok("rollup"))["rollups_written"]
+    second = json.loads(cli.ok("rollup"))["rollups_written"]
+    assert first >= 8 * 24 - 1 and second == 0
 
 
 def test_missing_schema_and_unreachable_database_are_one_line_errors(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
+from sqlalchemy import select
 
 from core import queries
 from core.bootstrap import App
@@ -393,3 +394,72 @@ def test_deliveries_for_address(app: App, failures: dict[str, uuid.UUID]) -> Non
     assert set(by_owner["id"]) == {str(failures["ambiguous"]), str(failures["trans_resend"])}
     assert by_recipient["id"].tolist() == [str(failures["perm_resend"])]
     assert states["status"].tolist() == [Status.FAILED]
+
+
+# ---------------------------------------------------------------- rollups
+
+
+def test_rollups_cover_finished_settled_buckets_once_and_the_series_reads_them(app: App) -> None:
+    from core.models import SentRollup
+    from core.rollup import SETTLE, roll_up
+
+    # Given letters sent in several hours and days, the latest in the current hour
+    rng = np.random.default_rng(5)
+    lateness = {
+        0: [0.5, 1.5],
+        1: [2.0],
+        3: [float(v) for v in rng.lognormal(0, 1, 23).round(3)],
+        26: [4.0, 8.0, 16.0],
+        24 * 20: [30.0],
+    }
+    _sent_with_lateness(app, lateness)
+    now = NOW + timedelta(minutes=10)
+    windows = [
+        (timedelta(hours=24), "hour"),
+        (timedelta(days=7), "hour"),
+        (timedelta(days=30), "day"),
+    ]
+    with session_scope(app.session_factory) as s:
+        live = [queries.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
+
+    # When the rollup runs, and runs again
+    with session_scope(app.session_factory) as s:
+        written = roll_up(s, now=now)
+        s.commit()
+    with session_scope(app.session_factory) as s:
+        again = roll_up(s, now=now)
+        s.commit()
+        hours = s.scalars(select(SentRollup.start).where(SentRollup.bucket == "hour")).all()
+
+    # Then every finished, settled hour of 8 days and day of 35 has one row, written once,
+    # and not the hour that ended less than SETTLE ago nor the current one
+    assert written == (8 * 24 - 1) + (35 - 1) and again == 0
+    last_hour = max(pd.Timestamp(h) for h in hours)
+    assert last_hour + timedelta(hours=1) <= now - SETTLE
+    assert last_hour == pd.Timestamp(NOW - timedelta(hours=2))  # 11:00-12:00 ended 10 min ago
+
+    # And the series read from the rollups are exactly the live ones
+    with session_scope(app.session_factory) as s:
+        rolled = [queries.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
+    for before, after in zip(live, rolled, strict=True):
+        pd.testing.assert_frame_equal(before, after, check_dtype=False, atol=1e-6)
+    assert rolled[2]["sent"].sum() == sum(len(v) for v in lateness.values())
+
+
+def test_a_rolled_up_bucket_is_read_from_the_rollup_and_gaps_from_the_rows(app: App) -> None:
+    from core.models import SentRollup
+
+    # Given the day before yesterday rolled up (with a figure no row supports), nothing else
+    _sent_with_lateness(app, {1: [1.0, 3.0], 30: [10.0]})
+    day = pd.Timestamp(NOW.replace(hour=0, minute=0)) - timedelta(days=2)
+    with session_scope(app.session_factory) as s:
+        s.add(SentRollup(bucket="day", start=day, sent=7, p50=5, p95=6, p99=7, computed_at=NOW))
+        s.commit()
+
+    # When the 7-day series is read
+    with session_scope(app.session_factory) as s:
+        series = queries.sent_series(s, now=NOW, window=timedelta(days=7), bucket="day")
+
+    # Then that day comes from the rollup, and the days after it from the sent rows
+    assert series["sent"].tolist()[-3:] == [7, 1, 2]
+    assert series["p99"].iloc[-3] == 7

@@ -1,0 +1,85 @@
+"""Summaries of finished hours and days of sent letters (`sent_rollups`).
+
+    every hour, for each finished and settled bucket of the last 8 days (hours) / 35 days (days)
+    that has no row yet: count the letters sent in it and their lateness p50 / p95 / p99,
+    exactly as the live query does, and write one row (never rewritten)
+
+A bucket is settled `SETTLE` after it ends: a sent row carries the time its run recorded it,
+and it commits within seconds of that. The console reads finished buckets from here and only
+the rest from the sent rows, so a 30-day chart costs the same at any volume. Missing rows only
+make the chart slower, never wrong: `queries.sent_series` computes what is not rolled up.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.models import SentRollup
+from core.queries import BUCKETS, bucket_range, sent_stats
+
+SETTLE = timedelta(minutes=15)
+KEEP = {"hour": timedelta(days=8), "day": timedelta(days=35)}
+
+
+def roll_up(session: Session, *, now: datetime, settle: timedelta = SETTLE) -> int:
+    """Write the missing rows for finished, settled buckets; returns how many. The caller
+    commits. Safe to run from several consumers at once (a row that exists is kept)."""
+    written = 0
+    settled = now - settle
+    for bucket, span in KEEP.items():
+        step = BUCKETS[bucket]
+        _, starts = bucket_range(settled, span, bucket)
+        finished = [start for start in starts if start + step <= settled]
+        if not finished:
+            continue
+        have = {
+            pd.Timestamp(start)
+            for start in session.scalars(
+                select(SentRollup.start).where(
+                    SentRollup.bucket == bucket, SentRollup.start >= finished[0]
+                )
+            )
+        }
+        missing = [start for start in finished if pd.Timestamp(start) not in have]
+        if not missing:
+            continue
+        stats = sent_stats(session, since=missing[0], until=missing[-1] + step, bucket=bucket)
+        by_start = {row.bucket: row for row in stats.itertuples(index=False)}
+        rows = []
+        for start in missing:
+            found = by_start.get(pd.Timestamp(start))
+            rows.append(
+                {
+                    "bucket": bucket,
+                    "start": start,
+                    "sent": int(found.sent) if found is not None else 0,
+                    "p50": _value(found.p50) if found is not None else None,
+                    "p95": _value(found.p95) if found is not None else None,
+                    "p99": _value(found.p99) if found is not None else None,
+                    "computed_at": now,
+                }
+            )
+        written += _insert_new(session, rows)
+    return written
+
+
+def _value(number: float) -> float | None:
+    return None if number is None or math.isnan(number) else float(number)
+
+
+def _insert_new(session: Session, rows: list[dict[str, object]]) -> int:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(SentRollup)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["bucket", "start"])
+        .returning(SentRollup.start)
+    )
+    return len(session.execute(statement).all())
