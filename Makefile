@@ -46,9 +46,11 @@ test: lint typecheck
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
-## make bench: burst, recovery, scale and memory benchmarks on PostgreSQL + Redis (127.0.0.1;
-## minutes each); figures are printed and written under benchmarks/results/ (docs/benchmarks.md)
+## make bench: hot path, burst, recovery, scale and memory benchmarks on PostgreSQL + Redis
+## (127.0.0.1; minutes each); figures are printed and written under benchmarks/results/
+## (docs/benchmarks.md)
 bench: setup
+	$(BIN)/python -m benchmarks.hotpath --profile
 	$(BIN)/python -m benchmarks.burst
 	$(BIN)/python -m benchmarks.recovery
 	$(BIN)/python -m benchmarks.scale
