@@ -32,8 +32,8 @@ from benchmarks.common import (
     table,
     write_results,
 )
-from core.deliveries import create_user
 from core.db import session_scope
+from core.deliveries import create_user
 from core.policy import utcnow
 from core.worker import run_delivery
 
