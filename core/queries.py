@@ -36,6 +36,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
 )
 from sqlalchemy.orm import Session
 
@@ -119,6 +120,7 @@ class Tiles:
     sent_24h: int
     failed_open: int
     stuck: int
+    scheduled_estimated: bool = False  # `scheduled` is PostgreSQL's estimate (see below)
 
 
 def _is(status: Status) -> ColumnElement[bool]:
@@ -131,13 +133,41 @@ def _count(*where: ColumnElement[bool]) -> Any:
     return select(func.count()).select_from(Delivery).where(*where).scalar_subquery()
 
 
-def tiles(session: Session, *, now: datetime, grace_seconds: float) -> Tiles:
-    """Six counts in one round trip, each a range over one partial index."""
+# Letters waiting for their time grow with the product (years of letters ahead): counting them
+# exactly reads every entry of ix_deliveries_due. Above this many, PostgreSQL's own figure for
+# that index (pg_class.reltuples, kept by autovacuum's ANALYZE; within a few per cent) is shown
+# instead, marked as an estimate. Everything people act on (due, processing, failed, stuck)
+# stays exact: those are small ranges.
+EXACT_SCHEDULED_UP_TO = 50_000
+
+
+def scheduled_count(
+    session: Session, *, exact_up_to: int = EXACT_SCHEDULED_UP_TO
+) -> tuple[int, bool]:
+    """Scheduled rows and whether the figure is an estimate (PostgreSQL, above `exact_up_to`)."""
+    if _dialect(session) == "postgresql":
+        estimate = session.execute(
+            text("SELECT reltuples FROM pg_class WHERE oid = to_regclass('ix_deliveries_due')")
+        ).scalar()
+        # -1 (or nothing) until the table was first analysed
+        if estimate is not None and estimate >= max(exact_up_to, 0):
+            return int(estimate), True
+    return int(session.execute(select(_count(_is(Status.SCHEDULED)))).scalar() or 0), False
+
+
+def tiles(
+    session: Session,
+    *,
+    now: datetime,
+    grace_seconds: float,
+    exact_up_to: int = EXACT_SCHEDULED_UP_TO,
+) -> Tiles:
+    """The headline counts: one round trip of ranges over the partial indexes, and the
+    scheduled total from `scheduled_count`."""
     scheduled = _is(Status.SCHEDULED)
     processing = _is(Status.PROCESSING)
     row = session.execute(
         select(
-            _count(scheduled),
             _count(
                 scheduled,
                 Delivery.next_attempt_at >= now,
@@ -151,38 +181,47 @@ def tiles(session: Session, *, now: datetime, grace_seconds: float) -> Tiles:
         )
     ).one()
     values = [int(v or 0) for v in row]
+    waiting, estimated = scheduled_count(session, exact_up_to=exact_up_to)
     return Tiles(
-        scheduled=values[0],
-        due_next_hour=values[1],
-        processing=values[2],
-        sent_24h=values[3],
-        failed_open=values[4],
-        stuck=values[5] + values[6],
+        scheduled=waiting,
+        due_next_hour=values[0],
+        processing=values[1],
+        sent_24h=values[2],
+        failed_open=values[3],
+        stuck=values[4] + values[5],
+        scheduled_estimated=estimated,
     )
 
 
-def status_counts(session: Session, *, now: datetime, window: timedelta) -> pd.DataFrame:
+def status_counts(
+    session: Session,
+    *,
+    now: datetime,
+    window: timedelta,
+    exact_up_to: int = EXACT_SCHEDULED_UP_TO,
+) -> pd.DataFrame:
     """Deliveries per status: status, count, scope.
 
     The open states (scheduled, processing, failed) are counted whole; the terminal ones (sent,
     canceled) only when they ended within `window`: an all-time count of sent rows grows with
-    every letter ever sent and would be the one full scan of the overview.
+    every letter ever sent and would be the one full scan of the overview. Scheduled is
+    `scheduled_count` (scope "estimate" when it is one).
     """
     since = now - window
     row = session.execute(
         select(
-            _count(_is(Status.SCHEDULED)),
             _count(_is(Status.PROCESSING)),
             _count(_is(Status.SENT), Delivery.sent_at >= since),
             _count(_is(Status.FAILED)),
             _count(_is(Status.CANCELED), Delivery.updated_at >= since),
         )
     ).one()
-    scopes = ["now", "now", "in window", "now", "in window"]
+    waiting, estimated = scheduled_count(session, exact_up_to=exact_up_to)
+    scopes = ["estimate" if estimated else "now", "now", "in window", "now", "in window"]
     return pd.DataFrame(
         {
             "status": [s.value for s in Status],
-            "count": [int(v or 0) for v in row],
+            "count": [waiting, *[int(v or 0) for v in row]],
             "scope": scopes,
         }
     )

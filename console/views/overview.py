@@ -20,7 +20,13 @@ def _tiles() -> None:
     t = data.tiles()
     grace = data.settings().grace_seconds
     cols = st.columns(6)
-    cols[0].metric("Scheduled", f"{t.scheduled:,}", border=True, help="Waiting for their time.")
+    cols[0].metric(
+        "Scheduled",
+        f"≈ {t.scheduled:,}" if t.scheduled_estimated else f"{t.scheduled:,}",
+        border=True,
+        help="Waiting for their time."
+        + (" PostgreSQL's estimate (within a few per cent)." if t.scheduled_estimated else ""),
+    )
     cols[1].metric("Due in the next hour", f"{t.due_next_hour:,}", border=True)
     cols[2].metric("Processing", f"{t.processing:,}", border=True, help="Claimed by a worker.")
     cols[3].metric("Sent in 24 h", f"{t.sent_24h:,}", border=True)
@@ -43,7 +49,11 @@ def _status_chart(window: str) -> go.Figure:
     counts = data.status_counts(window)
     counts = counts.assign(
         label=[
-            f"{status} ({window})" if scope == "in window" else status
+            f"{status} ({window})"
+            if scope == "in window"
+            else f"{status} (≈)"
+            if scope == "estimate"
+            else status
             for status, scope in zip(counts["status"], counts["scope"], strict=True)
         ]
     )

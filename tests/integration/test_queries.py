@@ -9,7 +9,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from core import queries
 from core.bootstrap import App
@@ -76,6 +76,36 @@ def test_tiles_count_each_state_from_its_index(app: App) -> None:
         "failed": 1,
         "canceled": 1,
     }
+
+
+def test_a_large_scheduled_total_is_postgresqls_estimate_and_says_so(app: App) -> None:
+    # Given 300 letters waiting, and statistics that know about them
+    with session_scope(app.session_factory) as s:
+        u = add_user(s, "lin@example.com", NOW - timedelta(days=3))
+        for day in range(300):
+            add_delivery(
+                s, u, status="scheduled", deliver_at=NOW + timedelta(days=day + 1), now=NOW
+            )
+        s.commit()
+        if app.engine.dialect.name == "postgresql":
+            s.execute(text("ANALYZE deliveries"))
+            s.commit()
+
+    with session_scope(app.session_factory) as s:
+        exact = queries.tiles(s, now=NOW, grace_seconds=60)
+        # When the exact count is reserved for totals below 100
+        large = queries.tiles(s, now=NOW, grace_seconds=60, exact_up_to=100)
+        counts = queries.status_counts(s, now=NOW, window=timedelta(hours=24), exact_up_to=100)
+
+    # Then below the bound the count is exact; above it PostgreSQL's estimate, marked as one
+    assert (exact.scheduled, exact.scheduled_estimated) == (300, False)
+    if app.engine.dialect.name == "postgresql":
+        assert large.scheduled_estimated and large.scheduled == pytest.approx(300, rel=0.1)
+        assert counts["scope"].iloc[0] == "estimate"
+    else:  # SQLite has no such figure: always exact
+        assert (large.scheduled, large.scheduled_estimated) == (300, False)
+        assert counts["scope"].iloc[0] == "now"
+    assert large.due_next_hour == 0 and counts["count"].iloc[0] == large.scheduled
 
 
 def _sent_with_lateness(app: App, lateness_by_hour: dict[int, list[float]]) -> None:
