@@ -278,12 +278,32 @@ def slot_for(kind: str, now: datetime) -> datetime:
 def _run_row(
     app: App, kind: str, runner: str, slot: datetime | None, now: datetime
 ) -> Iterator[ReconcilerRun | None]:
-    """Insert the run's row; None when this slot already has one (another consumer ran it)."""
+    """Insert the run's row; None when another consumer already ran this slot.
+
+    Called under the single-runner lock, which a runner holds until its row is finished: a
+    slot whose row is unfinished belongs to a runner that died mid-run (SIGKILL, OOM), and
+    this run takes it over rather than leave the slot's work undone until the next slot.
+    """
     with session_scope(app.session_factory) as session:
-        if slot is not None and session.scalar(
-            select(ReconcilerRun.id).where(ReconcilerRun.kind == kind, ReconcilerRun.slot == slot)
-        ):
-            yield None
+        existing = (
+            session.execute(
+                select(ReconcilerRun.id, ReconcilerRun.finished_at).where(
+                    ReconcilerRun.kind == kind, ReconcilerRun.slot == slot
+                )
+            ).first()
+            if slot is not None
+            else None
+        )
+        if existing is not None:
+            if existing.finished_at is not None:
+                yield None
+                return
+            log.warning("%s: the run for slot %s never finished; running it again", kind, slot)
+            taken = session.get(ReconcilerRun, existing.id)
+            assert taken is not None
+            taken.runner, taken.started_at = runner, now
+            session.commit()  # the row stays loaded: no transaction is open during the run
+            yield taken
             return
         row = ReconcilerRun(kind=kind, runner=runner, slot=slot, started_at=now)
         session.add(row)

@@ -10,7 +10,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import alerts
 from core.bootstrap import App
@@ -233,6 +233,36 @@ def test_a_slot_runs_once_and_each_run_is_recorded(app: App, enqueuer: Recording
         (BACKSTOP, "a", 1, 1, True)
     ]
     assert runs[0].slot == now.replace(second=0) and runs[0].finished_at == now
+
+
+def test_a_slot_whose_runner_died_mid_run_is_run_again_in_the_same_slot(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
+    # Given the dispatcher's run for this minute started and its consumer was SIGKILLed:
+    # its row exists, unfinished, and the lock it held died with it
+    now = SOON + timedelta(minutes=3, seconds=5)
+    slot = slot_for(DISPATCHER, now)
+    with session_scope(app.session_factory) as session:
+        session.add(ReconcilerRun(kind=DISPATCHER, runner="killed", slot=slot, started_at=now))
+        session.commit()
+    result = schedule(app, make_user(app), at=now + timedelta(seconds=30))
+    with session_scope(app.session_factory) as session:  # its task was lost with the broker
+        session.execute(
+            update(Delivery).where(Delivery.id == result.delivery_id).values(task_id=None)
+        )
+        session.commit()
+
+    # When another consumer's dispatcher fires in the same minute
+    later = now + timedelta(seconds=20)
+    report = run_safety_net(app, DISPATCHER, now=later, runner="b", slot=slot, clock=lambda: later)
+
+    # Then it takes the slot over and does the work, and the slot still has one row
+    assert report.ran and report.requeued == 1
+    with session_scope(app.session_factory) as session:
+        runs = session.scalars(select(ReconcilerRun)).all()
+    assert [(r.runner, r.requeued, r.finished_at) for r in runs] == [("b", 1, later)]
+    again = run_safety_net(app, DISPATCHER, now=later, runner="c", slot=slot, clock=lambda: later)
+    assert not again.ran
 
 
 def test_a_held_lock_makes_other_runners_skip(app: App) -> None:
