@@ -101,33 +101,31 @@ def restart_postgresql() -> float:
     return time.monotonic() - t0
 
 
-def terminate_backends(database: str, admin_url: str) -> int:
-    """End every connection to our database (and only ours)."""
+def _count_activity(admin_url: str, sql: str, **params: str) -> int:
+    """A count over pg_stat_activity, from the admin connection (never counting itself)."""
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        ended = conn.execute(
-            text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": database},
-        ).scalar()
+        n = conn.execute(text(sql + " AND pid <> pg_backend_pid()"), params).scalar()
     engine.dispose()
-    return int(ended or 0)
+    return int(n or 0)
+
+
+def terminate_backends(database: str, admin_url: str) -> int:
+    """End every connection to our database (and only ours)."""
+    return _count_activity(
+        admin_url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name",
+        name=database,
+    )
 
 
 def other_clients(admin_url: str, ours: str) -> int:
-    engine = create_engine(admin_url)
-    with engine.connect() as conn:
-        n = conn.execute(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                "AND datname IS DISTINCT FROM :ours AND pid <> pg_backend_pid()"
-            ),
-            {"ours": ours},
-        ).scalar()
-    engine.dispose()
-    return int(n or 0)
+    return _count_activity(
+        admin_url,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        "AND datname IS DISTINCT FROM :ours",
+        ours=ours,
+    )
 
 
 def soak(args: Any) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def scheduled_count(
             text("SELECT reltuples FROM pg_class WHERE oid = to_regclass('ix_deliveries_due')")
         ).scalar()
         # -1 (or nothing) until the table was first analysed
-        if estimate is not None and estimate >= max(exact_up_to, 0):
+        if estimate is not None and estimate >= exact_up_to:
             return int(estimate), True
     return int(session.execute(select(_count(_is(Status.SCHEDULED)))).scalar() or 0), False
 
@@ -337,16 +337,11 @@ def sent_series(
     ).all()
     covered = {_utc(r.start) for r in rolled}
     live_from = next((start for start in starts if pd.Timestamp(start) not in covered), None)
-    parts = [
-        pd.DataFrame(
-            [[_utc(r.start), r.sent, r.p50, r.p95, r.p99] for r in rolled],
-            columns=["bucket", "sent", "p50", "p95", "p99"],
-        )
-    ]
+    rows = [[_utc(r.start), r.sent, r.p50, r.p95, r.p99] for r in rolled]
     if live_from is not None:
         live = sent_stats(session, since=live_from, until=None, bucket=bucket)
-        parts.append(live[~live["bucket"].isin(covered)])
-    frame = pd.concat([p for p in parts if not p.empty] or parts[:1], ignore_index=True)
+        rows += [list(r) for r in live.itertuples(index=False) if r.bucket not in covered]
+    frame = pd.DataFrame(rows, columns=["bucket", "sent", "p50", "p95", "p99"])
     out = _reindex(frame, starts, {"sent": 0})
     for column in ("p50", "p95", "p99"):
         out[column] = out[column].astype(float)

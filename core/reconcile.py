@@ -286,11 +286,9 @@ def _run_row(
     """
     with session_scope(app.session_factory) as session:
         existing = (
-            session.execute(
-                select(ReconcilerRun.id, ReconcilerRun.finished_at).where(
-                    ReconcilerRun.kind == kind, ReconcilerRun.slot == slot
-                )
-            ).first()
+            session.scalar(
+                select(ReconcilerRun).where(ReconcilerRun.kind == kind, ReconcilerRun.slot == slot)
+            )
             if slot is not None
             else None
         )
@@ -299,11 +297,9 @@ def _run_row(
                 yield None
                 return
             log.warning("%s: the run for slot %s never finished; running it again", kind, slot)
-            taken = session.get(ReconcilerRun, existing.id)
-            assert taken is not None
-            taken.runner, taken.started_at = runner, now
+            existing.runner, existing.started_at = runner, now
             session.commit()  # the row stays loaded: no transaction is open during the run
-            yield taken
+            yield existing
             return
         row = ReconcilerRun(kind=kind, runner=runner, slot=slot, started_at=now)
         session.add(row)

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core.db import SessionFactory, session_scope
 from core.models import SentRollup
 from core.queries import BUCKETS, bucket_range, sent_stats
 
@@ -54,14 +55,19 @@ def roll_up(session: Session, *, now: datetime, settle: timedelta = SETTLE) -> i
         rows = []
         for start in missing:
             found = by_start.get(pd.Timestamp(start))
+            sent, p50, p95, p99 = (
+                (int(found.sent), found.p50, found.p95, found.p99)
+                if found is not None
+                else (0, None, None, None)
+            )
             rows.append(
                 {
                     "bucket": bucket,
                     "start": start,
-                    "sent": int(found.sent) if found is not None else 0,
-                    "p50": _value(found.p50) if found is not None else None,
-                    "p95": _value(found.p95) if found is not None else None,
-                    "p99": _value(found.p99) if found is not None else None,
+                    "sent": sent,
+                    "p50": _value(p50),
+                    "p95": _value(p95),
+                    "p99": _value(p99),
                     "computed_at": now,
                 }
             )
@@ -69,7 +75,15 @@ def roll_up(session: Session, *, now: datetime, settle: timedelta = SETTLE) -> i
     return written
 
 
-def _value(number: float) -> float | None:
+def run(session_factory: SessionFactory, *, now: datetime) -> int:
+    """One rollup pass in its own transaction (the hourly task and `capsule rollup`)."""
+    with session_scope(session_factory) as session:
+        written = roll_up(session, now=now)
+        session.commit()
+    return written
+
+
+def _value(number: float | None) -> float | None:
     return None if number is None or math.isnan(number) else float(number)
 
 

@@ -267,12 +267,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_rollup(args: argparse.Namespace) -> int:
-    from core.rollup import roll_up
+    from core import rollup
 
-    app = _app()
-    with session_scope(app.session_factory) as session:
-        written = roll_up(session, now=utcnow())
-        session.commit()
+    written = rollup.run(_app().session_factory, now=utcnow())
     print(json.dumps({"rollups_written": written}))
     return 0
 

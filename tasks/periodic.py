@@ -9,10 +9,9 @@ import socket
 
 from huey import crontab
 
-from core.db import session_scope
+from core import rollup as rollups
 from core.policy import utcnow
 from core.reconcile import BACKSTOP, DISPATCHER, FAILED_RETRIER, run_safety_net, slot_for
-from core.rollup import roll_up
 from huey_app import huey
 from tasks.runtime import get_app
 
@@ -41,6 +40,4 @@ def failed_retrier() -> None:
 
 @huey.periodic_task(crontab(minute="20"), name="capsule.rollup")
 def rollup() -> None:
-    with session_scope(get_app().session_factory) as session:
-        roll_up(session, now=utcnow())
-        session.commit()
+    rollups.run(get_app().session_factory, now=utcnow())
