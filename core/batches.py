@@ -131,12 +131,15 @@ def claim_more(
         .order_by(Delivery.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        # A CTE, evaluated once: PostgreSQL may rescan a plain IN (subquery), and each
+        # rescan with SKIP LOCKED returns other rows, past the LIMIT.
+        .cte("picked")
     )
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
         .where(
-            Delivery.id.in_(picked.scalar_subquery()),
+            Delivery.id.in_(select(picked.c.id)),
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= now,
         )
