@@ -48,7 +48,8 @@ def attempts_of(app: App, ids: list[uuid.UUID]) -> list[DeliveryAttempt]:
 
 
 def outbox_files(app: App) -> list[Path]:
-    return sorted(app.settings.outbox_path.glob("*.eml"))
+    """Letters in the outbox (owner notices carry a `-delivery_failed` suffix)."""
+    return sorted(p for p in app.settings.outbox_path.glob("*.eml") if "-" not in p.stem)
 
 
 def test_one_run_claims_the_due_letters_sends_them_in_one_batch_and_their_tasks_find_nothing(
