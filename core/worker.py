@@ -35,7 +35,7 @@ from core.errors import CryptoError
 from core.models import Delivery, ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
-from core.providers.base import Email, batch_limit
+from core.providers.base import BatchProvider, Email, batch_limit
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
@@ -70,6 +70,9 @@ def _email(app: App, claimed_key: str, to: str, delivery_id: uuid.UUID, letter: 
 def _claim(
     app: App, delivery_id: uuid.UUID, task_id: str, now: datetime
 ) -> tuple[Claim, Letter] | _Batched | None:
+    # Chosen before the transaction: the circuit state is read through its own session, which
+    # must not wait on the claim's write lock (SQLite).
+    provider = app.chain.batch_provider(now) if app.settings.batch_size > 1 else None
     with session_scope(app.session_factory) as session:
         claimed = claim(
             session, delivery_id, task_id, now=now, lease_seconds=app.settings.lease_seconds
@@ -79,8 +82,8 @@ def _claim(
         work: tuple[Claim, Letter] | _Batched | None = None
         if claimed.batch_id is not None:
             work, claimed = _rejoin(app, session, claimed, now)
-        elif _may_batch(app, claimed):
-            work = _gather(app, session, claimed, now)
+        elif provider is not None and _may_batch(app, claimed):
+            work = _gather(app, session, claimed, provider, now)
         if work is None:
             letter = session.get(Letter, claimed.letter_id)
             assert letter is not None
@@ -97,12 +100,11 @@ def _may_batch(app: App, claimed: Claim) -> bool:
     )
 
 
-def _gather(app: App, session: Session, claimed: Claim, now: datetime) -> _Batched | None:
+def _gather(
+    app: App, session: Session, claimed: Claim, provider: BatchProvider, now: datetime
+) -> _Batched | None:
     """More due letters for the same provider, claimed in one statement; None if there are none
     (a lone letter goes alone, at once)."""
-    provider = app.chain.batch_provider(now)
-    if provider is None:
-        return None
     limit = min(app.settings.batch_size, batch_limit(provider)) - 1
     more = batches.claim_more(
         session, claimed.task_id, limit=limit, now=now, lease_seconds=app.settings.lease_seconds
