@@ -44,6 +44,17 @@ def prepare_broker(queue: Huey) -> None:
 settings = Settings.from_env()
 huey = make_huey(settings)
 
+
+@huey.on_startup(name="capsule.telemetry")
+def start_telemetry() -> None:
+    """Each worker calls this when the consumer starts; the first call does the work."""
+    from sentry_sdk.integrations.huey import HueyIntegration
+
+    from core.telemetry import init_sentry
+
+    init_sentry(settings, component="consumer", integrations=[HueyIntegration()])
+
+
 import tasks.bulk  # noqa: E402
 import tasks.delivery  # noqa: E402  (registers the tasks with `huey`)
 import tasks.periodic  # noqa: E402,F401

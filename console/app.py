@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from console import auth
+from console import auth, data
+from core import telemetry
 from core.operators import Role
 
 st.set_page_config(
@@ -13,6 +14,8 @@ st.set_page_config(
     layout="wide",
     initial_sidebar_state="expanded",
 )
+
+telemetry.init_sentry(data.settings(), component="console")  # once per process; then a no-op
 
 operator = auth.current_operator()
 if operator is None:

@@ -315,7 +315,13 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "",
         "URL pinged after each successful backstop run.",
     ),
-    ("SENTRY_DSN", "sentry_dsn", _optional, "", "Sentry DSN; needs the sentry extra."),
+    (
+        "SENTRY_DSN",
+        "sentry_dsn",
+        _optional,
+        "",
+        "Sentry DSN: error reports from the consumer, the CLI and the console, scrubbed of letter text and secrets.",
+    ),
     (
         "HEALTH_MAX_AGE_SECONDS",
         "health_max_age_seconds",

@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _start_telemetry()
         return int(args.fn(args))
     except CapsuleError as exc:
         print(f"capsule: error: {exc}", file=sys.stderr)
@@ -442,6 +443,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DBAPIError as exc:
         print(f"capsule: error: {_database_problem(exc)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _start_telemetry() -> None:
+    """Sentry, when CAPSULE_SENTRY_DSN is set, before any command runs."""
+    settings = _settings()
+    if settings.sentry_dsn:
+        from core.telemetry import init_sentry
+
+        init_sentry(settings, component="cli")
 
 
 def _database_problem(exc: DBAPIError) -> str:

@@ -7,6 +7,7 @@ half a message; a key whose file exists is already sent, so a retry writes nothi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -16,6 +17,8 @@ from core.errors import ProviderError, TransientProviderError
 from core.providers.base import Accepted, Email
 from core.providers.http import short
 from core.providers.smtp import build_message, message_id_for
+
+log = logging.getLogger(__name__)
 
 NAME = "outbox"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
@@ -46,6 +49,9 @@ class OutboxProvider:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 _write_atomically(path, build_message(email).as_bytes())
         except OSError as exc:
+            # Nothing was written, so the letter is retried; but a directory that cannot be
+            # written is a deployment fault that retries will not cure: report it as an error.
+            log.error("outbox %s cannot be written", self.directory, exc_info=True)
             raise _translate(exc) from exc
         return self._accepted(email)
 
