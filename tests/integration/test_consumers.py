@@ -194,7 +194,7 @@ def test_consumer_killed_after_claim_before_record_sends_no_second_message_on_re
 
     # When the lease has expired (clock moved forward) and the backstop recovers and re-runs it
     later = stuck.lease_until + timedelta(seconds=1)
-    time.sleep(6.5)  # the fake provider's stall (server side) must end first
+    live.server.wait_idle(timeout=30)  # the fake provider's stall (server side) ends first
     report = run_backstop(live.app, now=later)
     assert report.recovered == 1
     assert run_delivery(live.app, delivery_id, "rerun", clock=lambda: later) == Status.SENT
