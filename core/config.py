@@ -108,6 +108,14 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "How long a claimed delivery may stay processing.",
     ),
     (
+        "LOOKUP_SETTLE_SECONDS",
+        "lookup_settle_seconds",
+        _float,
+        "120",
+        "After an unknown outcome, a lagging search (Postmark) finding nothing is trusted only "
+        "this long after the last ambiguous call; until then the letter waits, pinned.",
+    ),
+    (
         "GRACE_SECONDS",
         "grace_seconds",
         _int,
@@ -355,6 +363,7 @@ class Settings:
     encryption_keys: str = ""
     dispatch_horizon_seconds: int = 3600
     lease_seconds: int = 300
+    lookup_settle_seconds: float = 120
     grace_seconds: int = 60
     max_attempts: int = 5
     backoff_base_seconds: float = 30
@@ -433,6 +442,8 @@ class Settings:
                 raise ConfigError(f"CAPSULE_{suffix}", f"must be positive, got {value}")
         if self.grace_seconds < 0:
             raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
+        if self.lookup_settle_seconds < 0:
+            raise ConfigError("CAPSULE_LOOKUP_SETTLE_SECONDS", "must not be negative")
         url = self.resolved_database_url
         if not (url.startswith("sqlite") or url.startswith("postgresql")):
             raise ConfigError(

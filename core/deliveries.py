@@ -35,7 +35,7 @@ from core.errors import (
     UserNotFound,
     ValidationError,
 )
-from core.models import Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
+from core.models import AuditEvent, Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
 from core.outcomes import Outcome
 from core.policy import backoff_seconds, deferral_seconds, lease_until, within_horizon
 
@@ -359,6 +359,10 @@ class Claim:
     user_id: int
     pinned_provider: str | None
     error_class: str | None  # of the previous run; "lease_expired" means its outcome is unknown
+    # When the last call whose outcome is unknown ended (the pinned provider's last ambiguous
+    # call; for a recovered lease, the recovery): a lagging search is trusted only a settle
+    # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
+    ambiguous_at: datetime | None = None
 
 
 def claim(
@@ -405,6 +409,11 @@ def claim(
     row = result.one_or_none()
     if row is None:
         return None
+    ambiguous_at = None
+    if row.pinned_provider is not None:
+        ambiguous_at = _last_ambiguous_call(session, delivery_id, row.pinned_provider)
+    elif row.error_class == ErrorClass.LEASE_EXPIRED:
+        ambiguous_at = _lease_recovered_at(session, delivery_id)
     return Claim(
         delivery_id,
         task_id,
@@ -416,7 +425,39 @@ def claim(
         user_id=row.user_id,
         pinned_provider=row.pinned_provider,
         error_class=row.error_class,
+        ambiguous_at=ambiguous_at,
     )
+
+
+def _last_ambiguous_call(
+    session: Session, delivery_id: uuid.UUID, provider: str
+) -> datetime | None:
+    """When the last call to `provider` with an unknown outcome ended (its attempt row)."""
+    call = session.execute(
+        select(DeliveryAttempt.started_at, DeliveryAttempt.duration_ms)
+        .where(
+            DeliveryAttempt.delivery_id == delivery_id,
+            DeliveryAttempt.provider == provider,
+            DeliveryAttempt.outcome == ErrorClass.AMBIGUOUS,
+        )
+        .order_by(DeliveryAttempt.id.desc())
+        .limit(1)
+    ).one_or_none()
+    if call is None:
+        return None
+    started: datetime = call.started_at
+    return started + timedelta(milliseconds=int(call.duration_ms))
+
+
+def _lease_recovered_at(session: Session, delivery_id: uuid.UUID) -> datetime | None:
+    """When the backstop recovered the lease: the dead run's send, if any, ended before."""
+    recovered: datetime | None = session.scalar(
+        select(AuditEvent.created_at)
+        .where(AuditEvent.delivery_id == delivery_id, AuditEvent.type == "delivery.lease_recovered")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    return recovered
 
 
 RETRYABLE = {ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED}

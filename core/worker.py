@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from core import notifications
 from core.bootstrap import App
@@ -61,11 +61,13 @@ def _send(app: App, claimed: Claim, letter: Letter, clock: Clock) -> Outcome:
         idempotency_key=claimed.idempotency_key,
         tags={"delivery_id": str(claimed.delivery_id), "kind": "letter"},
     )
+    settle = timedelta(seconds=app.settings.lookup_settle_seconds)
     return app.chain.send(
         email,
         pinned=claimed.pinned_provider,
         look_first=claimed.error_class == ErrorClass.LEASE_EXPIRED,
         now=clock(),
+        settle_until=claimed.ambiguous_at + settle if claimed.ambiguous_at else None,
     )
 
 

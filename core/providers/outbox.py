@@ -29,6 +29,7 @@ class OutboxProvider:
 
     name = NAME
     can_look_up = True
+    lookup_lags = False
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)

@@ -34,6 +34,7 @@ class PostmarkProvider:
 
     name = NAME
     can_look_up = True
+    lookup_lags = True  # the outbound search shows a message some time after it was accepted
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ class ResendProvider:
 
     name = NAME
     can_look_up = False
+    lookup_lags = False
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ class SmtpProvider:
 
     name = NAME
     can_look_up = False
+    lookup_lags = False
 
     def __init__(
         self,

@@ -194,7 +194,7 @@ def test_consumer_killed_after_claim_before_record_sends_no_second_message_on_re
 
     # When the lease has expired (clock moved forward) and the backstop recovers and re-runs it
     later = stuck.lease_until + timedelta(seconds=1)
-    time.sleep(6.5)  # the fake provider's stall (server side) must end first
+    live.server.wait_idle(timeout=30)  # the fake provider's stall (server side) ends first
     report = run_backstop(live.app, now=later)
     assert report.recovered == 1
     assert run_delivery(live.app, delivery_id, "rerun", clock=lambda: later) == Status.SENT
@@ -267,7 +267,13 @@ def test_broker_flushed_with_500_due_all_sent_once_within_two_minutes(live: Live
 
 @pytest.mark.slow
 def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live: Live) -> None:
-    reconfigure(live, CAPSULE_LEASE_SECONDS="20", CAPSULE_GRACE_SECONDS="10")
+    # The fake's search has no lag here: a short settle window keeps the recovered rows quick
+    reconfigure(
+        live,
+        CAPSULE_LEASE_SECONDS="20",
+        CAPSULE_GRACE_SECONDS="10",
+        CAPSULE_LOOKUP_SETTLE_SECONDS="2",
+    )
     live.server.set_faults("all", latency_ms=20)
     consumer = live.consumer(workers=4)
     start = utcnow()
