@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 from core.errors import ProviderError, TransientProviderError
+from core.files import private_dir
 from core.providers.base import Accepted, Email
 from core.providers.http import short
-from core.providers.smtp import build_message, message_id_for
+from core.providers.smtp import message_bytes, message_id_for
 
 NAME = "outbox"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
@@ -43,8 +44,9 @@ class OutboxProvider:
         path = self.path_for(email.idempotency_key)
         try:
             if not path.exists():
-                self.directory.mkdir(parents=True, exist_ok=True)
-                _write_atomically(path, build_message(email).as_bytes())
+                data = message_bytes(email, NAME)  # MessageBuildError: permanent, nothing written
+                private_dir(self.directory)  # letters: 0700; mkstemp makes each file 0600
+                _write_atomically(path, data)
         except OSError as exc:
             raise _translate(exc) from exc
         return self._accepted(email)
