@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -69,15 +70,57 @@ def validate_deliver_at(deliver_at: datetime, now: datetime, max_years: int) -> 
         )
 
 
+# A subject is one line of text. Control characters (Cc: CR, LF, VT, FF, U+0085, NUL, ESC, TAB
+# too), line and paragraph separators (Zl, Zp) and invisible format characters (Cf: bidi
+# overrides, zero-width spaces, BOM) cannot be put in a mail header or would let a subject
+# look like something else; such a letter could never be sent. Zero-width (non-)joiners are
+# kept, and emoji tag characters: emoji sequences and several scripts need them. Surrogates (Cs) are text that was not
+# UTF-8 and cannot be stored.
+_SUBJECT_REFUSED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_SUBJECT_ALLOWED = frozenset({"\u200c", "\u200d"})
+_CONTROL_NAMES = {
+    "\t": "TAB",
+    "\n": "LINE FEED",
+    "\x0b": "VERTICAL TAB",
+    "\x0c": "FORM FEED",
+    "\r": "CARRIAGE RETURN",
+    "\x85": "NEXT LINE",
+    "\x00": "NUL",
+    "\x1b": "ESCAPE",
+}
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why `subject` cannot be a mail subject line, or None; never quotes the subject."""
+    for position, char in enumerate(subject, start=1):
+        if char in _SUBJECT_ALLOWED or "\U000e0020" <= char <= "\U000e007f":
+            continue  # joiners and emoji tag sequences (subdivision flags)
+        category = unicodedata.category(char)
+        if category in _SUBJECT_REFUSED:
+            name = _CONTROL_NAMES.get(char) or unicodedata.name(char, "")
+            label = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+            kind = (
+                "text that is not UTF-8" if category == "Cs" else "a control or invisible character"
+            )
+            return f"the subject contains {kind} ({label}, character {position}); use one line of plain text"
+    return None
+
+
 def validate_letter(subject: str, body: str, max_bytes: int) -> None:
+    """Refuse a letter that could never be sent as given (ValidationError naming the field)."""
     if not subject.strip():
         raise ValidationError("subject", "the subject is empty")
     if len(subject) > MAX_SUBJECT_CHARS:
         raise ValidationError(
             "subject", f"the subject is longer than {MAX_SUBJECT_CHARS} characters"
         )
+    problem = subject_problem(subject)
+    if problem:
+        raise ValidationError("subject", problem)
     if not body.strip():
         raise ValidationError("body", "the letter is empty")
+    if any("\ud800" <= char <= "\udfff" for char in body):
+        raise ValidationError("body", "the letter contains text that is not UTF-8")
     size = len(subject.encode()) + len(body.encode())
     if size > max_bytes:
         raise LetterTooLarge("body", f"the letter is {size} bytes; the limit is {max_bytes}")

@@ -33,7 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core.errors import AmbiguousProviderError, ProviderError, TransientProviderError
+from core.errors import (
+    AmbiguousProviderError,
+    MessageBuildError,
+    ProviderError,
+    TransientProviderError,
+)
 from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
 from core.policy import utcnow
@@ -348,8 +353,8 @@ class ProviderChain:
     def _count(self, name: str, error: ProviderError, run: _Run) -> None:
         """Transient and ambiguous failures count toward opening the circuit; a permanent
         answer proves the provider is up and counts as a success."""
-        if self.breaker is None:
-            return
+        if self.breaker is None or isinstance(error, MessageBuildError):
+            return  # never reached the provider: says nothing about its health
         if isinstance(error, TransientProviderError | AmbiguousProviderError):
             self.breaker.record_failure(name, now=run.now, message=str(error))
         else:

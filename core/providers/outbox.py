@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 
 from core.errors import ProviderError, TransientProviderError
+from core.files import private_dir
 from core.providers.base import Accepted, Email
 from core.providers.http import short
-from core.providers.smtp import build_message, message_id_for
+from core.providers.smtp import message_bytes, message_id_for
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class OutboxProvider:
         path = self.path_for(email.idempotency_key)
         try:
             if not path.exists():
-                self.directory.mkdir(parents=True, exist_ok=True)
-                _write_atomically(path, build_message(email).as_bytes())
+                data = message_bytes(email, NAME)  # MessageBuildError: permanent, nothing written
+                private_dir(self.directory)  # letters: 0700; mkstemp makes each file 0600
+                _write_atomically(path, data)
         except OSError as exc:
             # Nothing was written, so the letter is retried; but a directory that cannot be
             # written is a deployment fault that retries will not cure: report it as an error.

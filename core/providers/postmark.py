@@ -53,13 +53,17 @@ class PostmarkProvider:
 
     def send(self, email: Email) -> Accepted:
         """POST the message with the idempotency key in its metadata."""
+        request = http.build_request(
+            NAME,
+            self._client,
+            "POST",
+            f"{self._base}/email",
+            json=payload(email, self._stream),
+            headers=self._headers,
+            timeout=self._timeout,
+        )
         try:
-            response = self._client.post(
-                f"{self._base}/email",
-                json=payload(email, self._stream),
-                headers=self._headers,
-                timeout=self._timeout,
-            )
+            response = self._client.send(request)
             response.raise_for_status()
             message_id = str(response.json()["MessageID"])
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:

@@ -13,12 +13,14 @@ import smtplib
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
+from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
 
 from core.errors import (
     AmbiguousProviderError,
+    MessageBuildError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
@@ -53,6 +55,20 @@ def build_message(email: Email, *, date: datetime | None = None) -> EmailMessage
     message["Date"] = format_datetime(date or datetime.now(UTC))
     message.set_content(email.text)
     return message
+
+
+# What building a message raises when the letter, not the code, is at fault: a header with a
+# line break, text that cannot be encoded.
+BUILD_ERRORS = (ValueError, TypeError, LookupError, MessageError)
+
+
+def message_bytes(email: Email, provider: str = NAME, *, date: datetime | None = None) -> bytes:
+    """The message on the wire, built before any connection: a letter that cannot be an email
+    is a MessageBuildError (permanent; nothing was sent), never an ambiguous outcome."""
+    try:
+        return build_message(email, date=date).as_bytes()
+    except BUILD_ERRORS as exc:
+        raise MessageBuildError(provider, exc) from exc
 
 
 class _Progress:
@@ -91,31 +107,29 @@ class SmtpProvider:
 
     def send(self, email: Email) -> Accepted:
         """Deliver the message to the configured server."""
-        message = build_message(email)
+        data = message_bytes(email)
         progress = _Progress()
         try:
-            code = self._deliver(email, message, progress)
+            code = self._deliver(email, data, progress)
         except (smtplib.SMTPException, OSError) as exc:
             raise _translate(exc, data_started=progress.data_started) from exc
-        return Accepted(NAME, str(message["Message-ID"]), code)
+        return Accepted(NAME, message_id_for(email.idempotency_key), code)
 
     def find_sent(self, email: Email) -> Accepted | None:
         """SMTP cannot be asked what it received."""
         return None
 
-    def _deliver(self, email: Email, message: EmailMessage, progress: _Progress) -> int:
+    def _deliver(self, email: Email, data: bytes, progress: _Progress) -> int:
         smtp = self._factory()
         try:
-            code = self._converse(smtp, email, message, progress)
+            code = self._converse(smtp, email, data, progress)
         except BaseException:
             smtp.close()  # no QUIT: after a timeout it would only wait for another one
             raise
         _quit(smtp)
         return code
 
-    def _converse(
-        self, smtp: smtplib.SMTP, email: Email, message: EmailMessage, progress: _Progress
-    ) -> int:
+    def _converse(self, smtp: smtplib.SMTP, email: Email, data: bytes, progress: _Progress) -> int:
         smtp.connect(self._host, self._port)
         if smtp.sock is not None:
             smtp.sock.settimeout(self._read_timeout)
@@ -128,7 +142,7 @@ class SmtpProvider:
         if code not in (250, 251):
             raise smtplib.SMTPRecipientsRefused({email.to: (code, reply)})
         progress.data_started = True
-        code, reply = smtp.data(message.as_bytes())
+        code, reply = smtp.data(data)
         if code != 250:
             raise smtplib.SMTPDataError(code, reply)
         return code
