@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.operators import Operator, Role, hash_password
-from tests.console.conftest import ENTRY, PASSWORD, Runner, Seams
+from tests.console.conftest import ENTRY, PASSWORD, ROOT, Runner, Seams
 
 VIEWER = Operator("vera", Role.VIEWER, "Vera")
 SUPPORT = Operator("sam", Role.SUPPORT, "Sam")
@@ -188,6 +188,33 @@ def test_demo_mode_signs_in_as_demo_ops(
     assert "Demo mode" in at.warning[0].value
     assert "Bulk operations" in nav_titles(at)
     assert not at.sidebar.button  # nothing to sign out of
+
+
+@pytest.mark.parametrize("providers", ["resend", "outbox,smtp", "smtp"])
+def test_demo_mode_refuses_real_providers(
+    console_env: Seams, monkeypatch: pytest.MonkeyPatch, providers: str
+) -> None:
+    # Given demo mode (no sign-in) pointed at a provider that reaches real inboxes
+    monkeypatch.setenv("CAPSULE_DEMO_MODE", "true")
+    monkeypatch.setenv("CAPSULE_PROVIDERS", providers)
+    monkeypatch.setenv("CAPSULE_RESEND_API_KEY", "re_test")
+    monkeypatch.setenv("CAPSULE_SMTP_HOST", "127.0.0.1")
+    at = AppTest.from_file(ENTRY, default_timeout=30).run()
+    # Then the console stops at once with one clear line, and shows no page
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "The console cannot start: CAPSULE_DEMO_MODE: demo mode sends only to the file "
+        f"outbox: set CAPSULE_PROVIDERS=outbox (got {providers})"
+    ]
+    assert not at.title and not at.text_input and not at.sidebar.markdown
+
+
+def test_make_run_binds_the_console_to_this_machine_only() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    run = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    console_line = next(line for line in run.splitlines() if "streamlit run" in line)
+    assert "CAPSULE_DEMO_MODE=true" in console_line
+    assert "--server.address 127.0.0.1" in console_line
 
 
 def test_a_viewer_sees_no_action_buttons(console: Runner) -> None:
