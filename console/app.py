@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from console import auth, data
+from console import auth, data, ui
 from core.errors import ConfigError
 from core.operators import Role
 
@@ -18,7 +18,7 @@ st.set_page_config(
 try:
     data.get_app()
 except ConfigError as exc:  # e.g. demo mode with a real provider: refuse, in one clear line
-    st.error(f"The console cannot start: {exc}", icon=":material/error:")
+    st.error(f"The console cannot start: {ui.text(exc)}", icon=":material/error:")
     st.stop()
 
 operator = auth.current_operator()

@@ -24,7 +24,7 @@ from typing import Any
 
 import streamlit as st
 
-from console import data
+from console import data, ui
 from core.db import session_scope
 from core.operators import (
     DEMO_OPERATOR,
@@ -157,10 +157,18 @@ def login_page() -> None:
 
 def _oidc_login() -> None:
     if _oidc_signed_in():
-        st.error(
-            f"{st.user.get('email') or 'This account'} has no console role. Ask an admin to "
-            "add it to the `[roles]` table of the console's secrets."
-        )
+        email = st.user.get("email")
+        who = ui.code(email) if email else "This account"
+        if email and not _email_verified(st.user.get("email_verified")):
+            st.error(
+                f"Your identity provider has not verified {who}, so it gives no console role. "
+                "Verify the address with the identity provider, then sign in again."
+            )
+        else:
+            st.error(
+                f"{who} has no console role. Ask an admin to add it to the `[roles]` table "
+                "of the console's secrets."
+            )
         if st.button("Sign out", icon=":material/logout:"):
             st.logout()
         return
@@ -217,7 +225,7 @@ ROLE_BADGES = {
 
 def sidebar(operator: Operator) -> None:
     with st.sidebar:
-        st.markdown(f"**{operator.label}**  \n{ROLE_BADGES[operator.role.value]}")
+        st.markdown(f"**{ui.text(operator.label)}**  \n{ROLE_BADGES[operator.role.value]}")
         if operator.source != "demo" and st.button(
             "Sign out", icon=":material/logout:", key="sign_out"
         ):

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -353,6 +354,29 @@ def _store_rehash(
     audit.record(session, "operator.password_rehashed", actor=username, now=now)
 
 
+MAX_DISPLAY_NAME_CHARS = 200
+# Control characters, and format characters such as bidi overrides and zero-width joiners that
+# make a name display as something else.
+_HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def validate_display_name(value: str, field: str = "name") -> str:
+    """A person's display name (a letter owner's or an operator's), trimmed: at most 200
+    characters, one line, no control or invisible formatting characters. The console still
+    renders names as text (never as Markdown); this keeps what is stored readable."""
+    name = value.strip()
+    if len(name) > MAX_DISPLAY_NAME_CHARS:
+        raise ValidationError(
+            field, f"the {field} is {len(name)} characters long; at most {MAX_DISPLAY_NAME_CHARS}"
+        )
+    hidden = sorted({f"U+{ord(c):04X}" for c in name if unicodedata.category(c) in _HIDDEN})
+    if hidden:
+        raise ValidationError(
+            field, f"the {field} contains control or invisible characters ({', '.join(hidden)})"
+        )
+    return name
+
+
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -368,6 +392,7 @@ def validate_username(username: str) -> str:
 
 def secrets_entry(username: str, role: Role, password_hash: str, name: str = "") -> str:
     """The TOML table for one local operator, to paste into .streamlit/secrets.toml."""
+    name = validate_display_name(name)
     key = username if _BARE_KEY.match(username) else json.dumps(username)
     lines = [
         f"[operators.{key}]",

@@ -116,3 +116,12 @@ def console(console_env: Seams, password_hash: str) -> Runner:
         return at
 
     return run
+
+
+def markdown_values(at: AppTest) -> list[str]:
+    """Every string on the page (main area and sidebar) that Streamlit renders as Markdown."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    for kind in (at.success, at.info, at.warning, at.error, at.toast):
+        parts += [e.value for e in kind]
+    parts += [m.help for m in at.metric if m.help]
+    return [str(p) for p in parts]
