@@ -465,6 +465,12 @@ class Settings:
                 "CAPSULE_DEMO_MODE",
                 "demo mode is allowed only on the embedded default (SQLite, no Redis)",
             )
+        if self.demo_mode and self.providers != ("outbox",):
+            raise ConfigError(
+                "CAPSULE_DEMO_MODE",
+                "demo mode sends only to the file outbox: set CAPSULE_PROVIDERS=outbox "
+                f"(got {','.join(self.providers)})",
+            )
 
     @property
     def var_path(self) -> Path:

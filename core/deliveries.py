@@ -37,6 +37,7 @@ from core.errors import (
     ValidationError,
 )
 from core.models import AuditEvent, Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
+from core.operators import validate_display_name
 from core.outcomes import Outcome
 from core.policy import backoff_seconds, deferral_seconds, lease_until, within_horizon
 
@@ -176,6 +177,7 @@ def find_user(session: Session, email: str) -> User:
 def create_user(session: Session, email: str, name: str, now: datetime, credit: int = 0) -> User:
     """Add an account (idempotent on email) and grant it `credit`."""
     address = normalize_address(email, "email").lower()
+    name = validate_display_name(name)
     user = session.scalar(select(User).where(User.email == address))
     if user is None:
         user = User(email=address, name=name, created_at=now)

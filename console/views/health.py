@@ -34,7 +34,8 @@ def _runners(health: data.Health) -> None:
     for col, state in zip(cols, health.runners, strict=False):
         label, color = _verdict(state, limits.get(state.kind, settings.health_max_age_seconds))
         with col, st.container(border=True):
-            st.markdown(f"**{KIND_LABELS.get(state.kind, state.kind)}**  \n:{color}-badge[{label}]")
+            kind = KIND_LABELS.get(state.kind) or ui.text(state.kind)
+            st.markdown(f"**{kind}**  \n:{color}-badge[{label}]")
             if state.started_at is None:
                 st.caption("no run recorded")
             else:
@@ -66,7 +67,7 @@ def _runners(health: data.Health) -> None:
             st.caption(f"{queue.pending:,} pending · {queue.scheduled:,} scheduled (ETA)")
         else:
             st.markdown("**Queue**  \n:red-badge[unreachable]")
-            st.caption(queue.error or "")
+            st.caption(ui.text(queue.error))
 
 
 def render() -> None:
