@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 STUCK = "stuck_rows"
 RUN_ERROR = "run_error"
 CIRCUIT_OPEN = "circuit_open"
+MISSING_KEY = "missing_key"
 
 
 class Alerter:

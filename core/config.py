@@ -345,6 +345,27 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "capsule health fails with more stuck rows than this.",
     ),
     ("DEMO_MODE", "demo_mode", _bool, "false", "Console without login (embedded default only)."),
+    (
+        "MISSING_KEY_RETRY_SECONDS",
+        "missing_key_retry_seconds",
+        _int,
+        "300",
+        "A letter whose key is not in the keyring waits this long (plus a spread) before the next try.",
+    ),
+    (
+        "BULK_MAX_ROWS",
+        "bulk_max_rows",
+        _int,
+        "10000",
+        "Most rows one bulk operation may touch.",
+    ),
+    (
+        "MARKER_CHECK_SECONDS",
+        "marker_check_seconds",
+        _float,
+        "2",
+        "Each consumer checks the broker's marker this often; 0 = only the minute's dispatcher.",
+    ),
 ]
 
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
@@ -408,6 +429,9 @@ class Settings:
     health_max_age_seconds: int = 300
     health_max_stuck: int = 50
     demo_mode: bool = False
+    missing_key_retry_seconds: int = 300
+    bulk_max_rows: int = 10000
+    marker_check_seconds: float = 2
 
     def __repr__(self) -> str:
         # Keys and tokens must never reach a log line through a repr.
@@ -436,6 +460,8 @@ class Settings:
             "MAX_LETTER_BYTES": self.max_letter_bytes,
             "PROVIDER_RATE_PER_SECOND": self.provider_rate_per_second,
             "DB_POOL_SIZE": self.db_pool_size,
+            "MISSING_KEY_RETRY_SECONDS": self.missing_key_retry_seconds,
+            "BULK_MAX_ROWS": self.bulk_max_rows,
         }
         for suffix, value in positive.items():
             if value <= 0:
@@ -444,6 +470,8 @@ class Settings:
             raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
         if self.lookup_settle_seconds < 0:
             raise ConfigError("CAPSULE_LOOKUP_SETTLE_SECONDS", "must not be negative")
+        if self.marker_check_seconds < 0:
+            raise ConfigError("CAPSULE_MARKER_CHECK_SECONDS", "must not be negative")
         url = self.resolved_database_url
         if not (url.startswith("sqlite") or url.startswith("postgresql")):
             raise ConfigError(

@@ -506,6 +506,9 @@ def _lease_recovered_at(session: Session, delivery_id: uuid.UUID) -> datetime | 
 
 
 RETRYABLE = {ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED}
+# Classes a run may defer without spending an attempt. A missing key is never a failure: the
+# letter waits for its key however long that takes.
+DEFERRABLE = RETRYABLE | {ErrorClass.MISSING_KEY}
 
 
 @dataclass(frozen=True)
@@ -591,7 +594,10 @@ def record_outcome(
 
     # A run that reached no provider (circuits open, rate limit closed) tried nothing: it
     # gives its attempt back and comes again once the gate may open, whatever the count.
-    deferred = outcome.deferred and outcome.error_class in RETRYABLE
+    deferred = outcome.deferred and outcome.error_class in DEFERRABLE
+    # No provider was asked at all: the run is not counted in the delivery's total either, or
+    # a letter that waited days for its key would reach the failed retrier's cap unsent.
+    uncounted = deferred and outcome.error_class == ErrorClass.MISSING_KEY and not outcome.calls
     retry = deferred or (
         outcome.error_class in RETRYABLE and claimed.round_attempts < settings.max_attempts
     )
@@ -622,6 +628,7 @@ def record_outcome(
                 last_error=outcome.error,
                 pinned_provider=outcome.pinned_provider,
                 round_attempts=Delivery.round_attempts - (1 if deferred else 0),
+                attempt_count=Delivery.attempt_count - (1 if uncounted else 0),
                 **common,
             )
         )

@@ -84,6 +84,9 @@ class ErrorClass(enum.StrEnum):
     POSSIBLY_SENT = "possibly_sent"
     DECRYPTION = "decryption"
     LEASE_EXPIRED = "lease_expired"
+    # The letter's key is not in the keyring: the row stays scheduled (never failed) and is
+    # tried again later; a configuration problem, shown on the health page.
+    MISSING_KEY = "missing_key"
 
 
 TERMINAL = frozenset({Status.SENT, Status.CANCELED})

@@ -1,7 +1,9 @@
 """One delivery run: claim, open the letter, send through the provider chain, record.
 
     claim (compare-and-set + lease)  ─ nothing to claim → stop quietly
-    decrypt                          ─ unreadable → failed (error class "decryption")
+    decrypt                          ─ key not in the keyring → stays scheduled, tried later
+                                       (error class "missing_key", no attempt spent)
+                                     ─ unreadable → failed (error class "decryption")
     send with the delivery's key     ─ the chain fails over only on "definitely not accepted"
     record the outcome               ─ sent | retry later (backoff) | failed (+ owner notice)
 
@@ -21,7 +23,7 @@ from core.bootstrap import App
 from core.db import retry_db, session_scope
 from core.deliveries import Claim, Recorded, claim, record_outcome
 from core.dispatch import dispatch
-from core.errors import CryptoError
+from core.errors import CryptoError, UnknownKeyId
 from core.models import ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
@@ -50,6 +52,16 @@ def _send(app: App, claimed: Claim, letter: Letter, clock: Clock) -> Outcome:
     try:
         subject, body = app.keyring.open(
             letter.key_id, letter.id, letter.subject_ciphertext, letter.body_ciphertext
+        )
+    except UnknownKeyId as exc:
+        # A configuration problem, not the letter's: it waits for the key, spending nothing,
+        # and keeps its pin (a pinned letter may have reached its provider already).
+        return Outcome(
+            error_class=ErrorClass.MISSING_KEY,
+            error=str(exc),
+            deferred=True,
+            retry_after=app.settings.missing_key_retry_seconds,
+            pinned_provider=claimed.pinned_provider,
         )
     except CryptoError as exc:
         return Outcome(error_class=ErrorClass.DECRYPTION, error=str(exc))

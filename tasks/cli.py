@@ -150,9 +150,37 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from core.crypto import rotate_letters
 
     app = _app()
-    count = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
-    print(f"re-encrypted {count} letters under key {app.keyring.active_id}")
-    return 0
+    if args.batch_size < 1:
+        raise CapsuleError("--batch-size must be at least 1")
+    result = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
+    skipped = result.skipped
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "active_key": app.keyring.active_id,
+                    "rotated": result.rotated,
+                    "skipped": [
+                        {"letter_id": str(s.letter_id), "key_id": s.key_id, "reason": s.reason}
+                        for s in skipped
+                    ],
+                }
+            )
+        )
+    else:
+        print(
+            f"re-encrypted {result.rotated} letters under key {app.keyring.active_id}; "
+            f"skipped {len(skipped)}"
+        )
+        for s in skipped:
+            why = (
+                f"key {s.key_id!r} is not in the keyring"
+                if s.reason == "missing_key"
+                else f"fails authentication under key {s.key_id!r} (tampered or wrong key)"
+            )
+            print(f"skipped letter {s.letter_id}: {why}")
+    # Non-zero so a script notices; nothing failed to be written, so not the error status 2.
+    return 1 if skipped else 0
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
@@ -442,9 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="only print the new id:key entry")
     p.add_argument("--if-missing", action="store_true", help="do nothing when a keyring exists")
     p = add(
-        "rotate", cmd_keys_rotate, "re-encrypt every letter under the newest key (resumable)", keys
+        "rotate",
+        cmd_keys_rotate,
+        "re-encrypt every letter under the newest key (resumable); letters it cannot open are "
+        "skipped and listed, and the exit status is 1 when any were",
+        keys,
     )
     p.add_argument("--batch-size", type=_whole_number(1, 100_000), default=500)
+    p.add_argument(
+        "--json", action="store_true", help="print the counts and the skipped letters as JSON"
+    )
 
     user = sub.add_parser("user", help="accounts").add_subparsers(
         dest="user_command", required=True, metavar="COMMAND"

@@ -70,6 +70,23 @@ def _runners(health: data.Health) -> None:
             st.caption(ui.text(queue.error))
 
 
+def _waiting_for_keys(waiting: dict[str, int]) -> None:
+    """Letters a worker could not open because their key is missing: they wait, unfailed."""
+    if not waiting:
+        return
+    total = sum(waiting.values())
+    st.error(
+        f"{total:,} letter{'s' if total != 1 else ''} wait for encryption keys missing from "
+        "the keyring. They stay scheduled and go out once the key is back in "
+        "CAPSULE_ENCRYPTION_KEYS and the consumers are restarted.",
+        icon=":material/key_off:",
+    )
+    st.dataframe(
+        [{"key id": key_id, "letters waiting": n} for key_id, n in waiting.items()],
+        hide_index=True,
+    )
+
+
 def render() -> None:
     auth.require_operator()
     ui.header(
@@ -82,6 +99,7 @@ def render() -> None:
     def live() -> None:
         health = data.health()
         _runners(health)
+        _waiting_for_keys(health.waiting_for_keys)
         providers, alerts = st.columns([2, 3])
         with providers:
             st.subheader("Provider circuits")

@@ -361,7 +361,7 @@ def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_
 
     rotated = Keyring.parse(KEY_ENTRY + "," + generate_key_entry("k2037"))
     live.app._keyring = rotated
-    assert rotate_letters(live.app.session_factory, rotated) == 1
+    assert rotate_letters(live.app.session_factory, rotated).rotated == 1
     then = far - timedelta(minutes=30)
     first = run_dispatcher(live.app, now=then)
     assert first.requeued == 1 and queue.pending_count() == 1
