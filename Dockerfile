@@ -21,8 +21,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
-# Optional extras from pyproject.toml to bake in, comma-separated: e.g.
-#   docker build --build-arg EXTRAS=sentry -t capsule-delivery .
+# Optional extras from pyproject.toml to bake in, comma-separated (none are needed to run;
+# sentry-sdk is a regular dependency): e.g.
+#   docker build --build-arg EXTRAS=dev -t capsule-delivery .
 ARG EXTRAS=""
 
 # Dependencies first: this layer is rebuilt only when pyproject.toml (or EXTRAS) changes, not

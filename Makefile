@@ -19,17 +19,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 ## make run: embedded default (SQLite + SqliteHuey + file outbox under var/), demo data,
-## a consumer and the console on http://localhost:$(PORT)
+## a consumer and the console on http://127.0.0.1:$(PORT) (this machine only)
 run: setup
 	$(BIN)/capsule keys generate --if-missing
 	$(BIN)/capsule db upgrade
 	$(BIN)/capsule demo
-	@echo "console:  http://localhost:$(PORT)  (demo mode: signed in as a demo ops user)"
+	@echo "console:  http://127.0.0.1:$(PORT)  (demo mode: signed in as a demo ops user)"
 	@echo "try:      $(BIN)/capsule schedule --user ada0@demo.capsule.localhost --to you@example.com --at +5s --subject Hi --body 'Dear future me'"
 	@echo "letters:  $${CAPSULE_VAR_DIR:-var}/outbox/*.eml"
 	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
 	  $(BIN)/huey_consumer huey_app.huey $(CONSUMER_FLAGS) & \
-	  CAPSULE_DEMO_MODE=true $(BIN)/streamlit run console/app.py --server.port $(PORT) --server.headless true & \
+	  CAPSULE_DEMO_MODE=true $(BIN)/streamlit run console/app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true & \
 	  wait
 
 lint: setup

@@ -8,9 +8,19 @@ touches no file or socket (the SQLite queue's tables are made by `prepare_broker
 from __future__ import annotations
 
 from huey import Huey, RedisHuey, SqliteHuey
+from huey.storage import SqliteStorage
 from redis import ConnectionPool
 
 from core.config import Settings
+from core.files import private_dir, private_sqlite
+
+
+class PrivateSqliteStorage(SqliteStorage):
+    """SqliteHuey's storage, whose file is created 0600 before SQLite first opens it."""
+
+    def _create_connection(self):  # type: ignore[no-untyped-def]
+        private_sqlite(self.filename)
+        return super()._create_connection()
 
 
 def make_huey(settings: Settings) -> Huey:
@@ -31,18 +41,30 @@ def make_huey(settings: Settings) -> Huey:
         utc=True,
         create_tables=False,
         timeout=15,
+        storage_class=PrivateSqliteStorage,
     )
 
 
 def prepare_broker(queue: Huey) -> None:
     """Create the embedded queue's file and tables; nothing to do for Redis."""
     if isinstance(queue, SqliteHuey):
-        settings.var_path.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.var_path, tighten=True)
         queue.storage.initialize_schema()
 
 
 settings = Settings.from_env()
 huey = make_huey(settings)
+
+
+@huey.on_startup(name="capsule.telemetry")
+def start_telemetry() -> None:
+    """Each worker calls this when the consumer starts; the first call does the work."""
+    from sentry_sdk.integrations.huey import HueyIntegration
+
+    from core.telemetry import init_sentry
+
+    init_sentry(settings, component="consumer", integrations=[HueyIntegration()])
+
 
 import tasks.bulk  # noqa: E402
 import tasks.delivery  # noqa: E402  (registers the tasks with `huey`)

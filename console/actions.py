@@ -92,13 +92,13 @@ def _confirm(operator: Operator, action: str, ids: list[str]) -> None:
     if len(unexpected):
         st.warning(
             f"{len(unexpected)} of these changed since you selected them and will be skipped: "
-            + ", ".join(sorted(set(unexpected["status"])))
+            + ui.text(", ".join(sorted(set(unexpected["status"]))))
         )
     uncertain = current[current["error_class"].isin(MAY_HAVE_ARRIVED)]
     if action == "requeue" and len(uncertain):
         st.warning(
             f"{len(uncertain)} of these may already have reached the recipient "
-            f"({', '.join(sorted(set(uncertain['error_class'])))}): check the provider's log "
+            f"({ui.text(', '.join(sorted(set(uncertain['error_class']))))}): check the provider's log "
             "before sending again, or the recipient may get the letter twice."
         )
     with st.form("action_confirm", border=False):
@@ -126,7 +126,7 @@ def _confirm(operator: Operator, action: str, ids: list[str]) -> None:
             now=utcnow(),
         )
     except CapsuleError as exc:
-        st.error(str(exc))
+        st.error(ui.text(exc))
         return
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from console import auth
+from console import auth, data, ui
+from core import telemetry
+from core.errors import ConfigError
 from core.operators import Role
 
 st.set_page_config(
@@ -13,6 +15,13 @@ st.set_page_config(
     layout="wide",
     initial_sidebar_state="expanded",
 )
+
+try:
+    telemetry.init_sentry(data.settings(), component="console")  # once per process; then a no-op
+    data.get_app()
+except ConfigError as exc:  # e.g. demo mode with a real provider: refuse, in one clear line
+    st.error(f"The console cannot start: {ui.text(exc)}", icon=":material/error:")
+    st.stop()
 
 operator = auth.current_operator()
 if operator is None:

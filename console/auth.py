@@ -4,29 +4,40 @@ Three modes, chosen by configuration:
 
 - **OIDC** when secrets have an `[auth]` section: `st.login()`; the role comes from the
   `[roles]` table (email → viewer | support | ops). A signed-in email not listed gets nothing.
-- **Local accounts** otherwise: `[operators.<username>]` tables with `password_hash` (salted
-  scrypt, made by `capsule operator add`) and `role`.
+- **Local accounts** otherwise: `[operators.<username>]` tables with `password_hash` (Argon2id,
+  made by `capsule operator add`) and `role`. Failed sign-ins are counted in the database, per
+  account and per client address (`core.operators.sign_in`), so a new browser session does not
+  reset a lockout.
 - **Demo mode** when CAPSULE_DEMO_MODE is on (allowed only on the embedded default): everyone
   is the demo ops user, and every page says so.
 
-The role decides what the pages show; `core.triage` and `core.bulk` enforce it again.
+The operator is looked up again on every page run (the `[operators]` entry, or the `[roles]`
+table): a removed or demoted operator, or one whose password was replaced, loses access at the
+next click, not at the end of the session. The role decides what the pages show; `core.triage`
+and `core.bulk` enforce it again.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import streamlit as st
 
-from console import data
-from core.operators import DEMO_OPERATOR, Operator, authenticate, operator_for_email
+from console import data, ui
+from core.db import session_scope
+from core.operators import (
+    DEMO_OPERATOR,
+    Operator,
+    account_operator,
+    hash_fingerprint,
+    operator_for_email,
+    sign_in,
+)
+from core.policy import utcnow
 
 OPERATOR_KEY = "_operator"
-FAILURES_KEY = "_login_failures"
-MAX_FAILURES = 5
-LOCKOUT_SECONDS = 30
+FINGERPRINT_KEY = "_operator_hash"
 
 
 def _secret(name: str) -> Mapping[str, Any] | None:
@@ -64,9 +75,44 @@ def current_operator() -> Operator | None:
         if not _oidc_signed_in():
             return None
         email, name = st.user.get("email"), st.user.get("name")
-        return operator_for_email(_secret("roles") or {}, str(email or ""), str(name or ""))
+        return operator_for_email(
+            _secret("roles") or {},
+            str(email or ""),
+            str(name or ""),
+            email_verified=_email_verified(st.user.get("email_verified")),
+        )
+    return _local_operator()
+
+
+def _email_verified(claim: Any) -> bool:
+    # Some identity providers send the claim as the string "true".
+    return claim is True or (isinstance(claim, str) and claim.strip().lower() == "true")
+
+
+def _local_operator() -> Operator | None:
+    """The session's local operator as the `[operators]` table has it now, or None (and the
+    session forgets it) when the entry is gone, its role is unknown, or its hash changed."""
     found = st.session_state.get(OPERATOR_KEY)
-    return found if isinstance(found, Operator) else None
+    if not isinstance(found, Operator):
+        return None
+    accounts = _secret("operators") or {}
+    current = account_operator(accounts, found.identity)
+    entry = accounts.get(found.identity)
+    signed_with = st.session_state.get(FINGERPRINT_KEY)
+    replaced = (
+        signed_with is not None
+        and isinstance(entry, Mapping)
+        and hash_fingerprint(str(entry.get("password_hash", ""))) != signed_with
+    )
+    if replaced:
+        current = None
+    if current is None:
+        st.session_state.pop(OPERATOR_KEY, None)
+        st.session_state.pop(FINGERPRINT_KEY, None)
+        return None
+    if current != found:
+        st.session_state[OPERATOR_KEY] = current
+    return current
 
 
 def require_operator() -> Operator:
@@ -84,17 +130,17 @@ def sign_out() -> None:
         st.logout()
         return
     st.session_state.pop(OPERATOR_KEY, None)
+    st.session_state.pop(FINGERPRINT_KEY, None)
     st.cache_data.clear()
     st.rerun()
 
 
-def _locked_for() -> float:
-    failures: list[float] = st.session_state.get(FAILURES_KEY, [])
-    recent = [t for t in failures if time.monotonic() - t < LOCKOUT_SECONDS]
-    st.session_state[FAILURES_KEY] = recent
-    if len(recent) < MAX_FAILURES:
-        return 0.0
-    return LOCKOUT_SECONDS - (time.monotonic() - recent[0])
+def _client_address() -> str | None:
+    try:
+        address = st.context.ip_address
+    except Exception:  # not every runtime exposes it (tests, some proxies)
+        return None
+    return str(address) if address else None
 
 
 def login_page() -> None:
@@ -111,10 +157,18 @@ def login_page() -> None:
 
 def _oidc_login() -> None:
     if _oidc_signed_in():
-        st.error(
-            f"{st.user.get('email') or 'This account'} has no console role. Ask an admin to "
-            "add it to the `[roles]` table of the console's secrets."
-        )
+        email = st.user.get("email")
+        who = ui.code(email) if email else "This account"
+        if email and not _email_verified(st.user.get("email_verified")):
+            st.error(
+                f"Your identity provider has not verified {who}, so it gives no console role. "
+                "Verify the address with the identity provider, then sign in again."
+            )
+        else:
+            st.error(
+                f"{who} has no console role. Ask an admin to add it to the `[roles]` table "
+                "of the console's secrets."
+            )
         if st.button("Sign out", icon=":material/logout:"):
             st.logout()
         return
@@ -137,7 +191,6 @@ def _local_login() -> None:
             "then reload this page."
         )
         return
-    locked = _locked_for()
     with st.form("login", border=True):
         username = st.text_input("Username", key="login_username")
         password = st.text_input("Password", type="password", key="login_password")
@@ -146,16 +199,20 @@ def _local_login() -> None:
         )
     if not submitted:
         return
-    if locked > 0:
-        st.error(f"Too many failed attempts. Try again in {locked:.0f} seconds.")
+    now = utcnow()
+    with session_scope(data.get_app().session_factory) as session:
+        result = sign_in(session, accounts, username, password, client=_client_address(), now=now)
+        session.commit()
+    if result.locked_until is not None:
+        wait = max(1, int((result.locked_until - now).total_seconds() + 0.999))
+        minutes = f"{wait // 60} min {wait % 60} s" if wait >= 60 else f"{wait} s"
+        st.error(f"Too many failed sign-ins. Try again in {minutes}.")
         return
-    operator = authenticate(accounts, username, password)
-    if operator is None:
-        st.session_state.setdefault(FAILURES_KEY, []).append(time.monotonic())
+    if result.operator is None:
         st.error("Unknown username or wrong password.")
         return
-    st.session_state.pop(FAILURES_KEY, None)
-    st.session_state[OPERATOR_KEY] = operator
+    st.session_state[OPERATOR_KEY] = result.operator
+    st.session_state[FINGERPRINT_KEY] = result.fingerprint
     st.rerun()
 
 
@@ -168,7 +225,7 @@ ROLE_BADGES = {
 
 def sidebar(operator: Operator) -> None:
     with st.sidebar:
-        st.markdown(f"**{operator.label}**  \n{ROLE_BADGES[operator.role.value]}")
+        st.markdown(f"**{ui.text(operator.label)}**  \n{ROLE_BADGES[operator.role.value]}")
         if operator.source != "demo" and st.button(
             "Sign out", icon=":material/logout:", key="sign_out"
         ):

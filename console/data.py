@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -207,17 +207,21 @@ class Health:
     alerts: pd.DataFrame
     queue: QueueDepth
     checked_at: Any
+    waiting_for_keys: dict[str, int] = field(default_factory=dict)
 
 
 @st.cache_data(ttl=FAST * 2, show_spinner=False)
 def health() -> Health:
+    from core.health import waiting_for_keys
+
     now = utcnow()
     with session_scope(get_app().session_factory) as s:
         runners = queries.runner_states(s, now=now)
         runs = queries.recent_runs(s, limit=50)
         providers = queries.provider_states(s, now=now)
         alerts = queries.recent_alerts(s, limit=50)
-    return Health(runners, runs, providers, alerts, read_queue_depth(), now)
+        waiting = waiting_for_keys(s)
+    return Health(runners, runs, providers, alerts, read_queue_depth(), now, waiting)
 
 
 # ---------------------------------------------------------------- bulk

@@ -1,8 +1,15 @@
-"""Small display helpers shared by the pages."""
+"""Small display helpers shared by the pages.
+
+Every string that holds data (names, addresses, provider errors, operator reasons, anything a
+user, a provider or an operator typed) goes through `text()` before it reaches an element that
+renders Markdown: st.markdown, st.error/warning/info/success, st.caption, st.toast, help
+tooltips, labels. Tables (st.dataframe) show cells as plain text and need nothing.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -26,7 +33,35 @@ STATE_ICONS = {
     "error": ":material/error:",
 }
 FLASH_KEY = "_flash"
+# Every ASCII punctuation character can be backslash-escaped in CommonMark; escaped, none of
+# them starts syntax: links, images, autolinks <…>, emphasis, code, HTML, entities, headings,
+# tables, Streamlit's :color[…] and :material/…: directives, $math$.
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+# GFM also links bare URLs and email addresses found in the decoded text; a zero-width space
+# after the scheme or "www", or before the "@", keeps them plain text.
+_BARE_URL = re.compile(r"(?i)\b(https?|ftp|www)(\\[:.])")
+_BARE_EMAIL = re.compile(r"(?<=[\w.+-])(\\@)")
+_BACKTICKS = re.compile(r"`+")
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x85\u2028\u2029]+")
 TIME_FORMAT = "YYYY-MM-DD HH:mm:ss"
+
+
+def text(value: Any) -> str:
+    """`value` as literal text for any element that renders Markdown: on one line, with every
+    piece of Markdown syntax escaped. The one helper every page uses for data."""
+    if value is None:
+        return ""
+    escaped = _PUNCTUATION.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(value)))
+    return _BARE_EMAIL.sub("\u200b\\1", _BARE_URL.sub("\\1\u200b\\2", escaped))
+
+
+def code(value: Any) -> str:
+    """`value` as an inline code span: literal, monospace, and copied exactly (addresses, ids).
+    Nothing inside a code span is Markdown; the fence is longer than any run of backticks in
+    the value, so the value cannot close it."""
+    plain = _LINE_BREAKS.sub(" ", "" if value is None else str(value))
+    fence = "`" * (max((len(run) for run in _BACKTICKS.findall(plain)), default=0) + 1)
+    return f"{fence} {plain} {fence}"
 
 
 def age(seconds: float | None) -> str:
@@ -52,14 +87,14 @@ def when(moment: datetime | pd.Timestamp | None) -> str:
 
 
 def flash(kind: str, message: str) -> None:
-    """Keep a message for the next run (after st.rerun())."""
+    """Keep a message for the next run (after st.rerun()); shown as literal text."""
     st.session_state.setdefault(FLASH_KEY, []).append((kind, message))
 
 
 def show_flash() -> None:
     for kind, message in st.session_state.pop(FLASH_KEY, []):
         {"success": st.success, "warning": st.warning, "error": st.error}.get(kind, st.info)(
-            message
+            text(message)
         )
 
 
@@ -84,9 +119,9 @@ def status_chip(status: str) -> str:
 
 
 def facts(pairs: Iterable[tuple[str, Any]], columns: int = 3) -> None:
-    """Label / value pairs in a compact grid."""
+    """Label / value pairs in a compact grid; the values are shown as literal text."""
     items = list(pairs)
     cols = st.columns(columns)
     for i, (label, value) in enumerate(items):
         with cols[i % columns]:
-            st.markdown(f"**{label}**  \n{value if value not in (None, '') else '—'}")
+            st.markdown(f"**{label}**  \n{text(value) if value not in (None, '') else '—'}")

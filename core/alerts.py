@@ -1,11 +1,14 @@
 """Telling humans: a Slack-compatible webhook, a heartbeat URL, and Sentry when configured.
 
-Nothing here may break a safety-net run: every failure is logged and swallowed. Alerts are
+Nothing here may break a safety-net run: every failure is logged and swallowed. The webhook and
+heartbeat URLs carry tokens, so a failure is logged by host and status only, never by URL.
+Sentry is started by the entry point (`core.telemetry.init_sentry`); alerts only use it. Alerts are
 rate limited per kind through the `alerts` table, so several consumers share one limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from core import telemetry
 from core.config import Settings
 from core.db import SessionFactory, session_scope
 from core.models import Alert
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 STUCK = "stuck_rows"
 RUN_ERROR = "run_error"
 CIRCUIT_OPEN = "circuit_open"
+MISSING_KEY = "missing_key"
 
 
 class Alerter:
@@ -66,11 +71,11 @@ class Alerter:
                     session.commit()
                 return delivered
         except Exception as exc:
-            log.error("could not record alert %s: %s", kind, exc)
+            log.error("could not record alert %s: %s", kind, telemetry.exception_text(exc))
             return False
 
     def _post(self, kind: str, message: str) -> bool:
-        _sentry_message(self.settings, f"[{kind}] {message}")
+        telemetry.capture_message(f"[{kind}] {message}")
         if not self.settings.alert_webhook_url:
             log.warning("alert %s (no webhook configured): %s", kind, message)
             return False
@@ -79,8 +84,8 @@ class Alerter:
             response = self.http.post(self.settings.alert_webhook_url, json=payload)
             response.raise_for_status()
             return True
-        except httpx.HTTPError as exc:
-            log.error("alert webhook failed for %s: %s", kind, exc)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            log.error("alert webhook failed for %s: %s", kind, describe_failure(exc))
             return False
 
     def heartbeat(self) -> bool:
@@ -90,19 +95,17 @@ class Alerter:
         try:
             self.http.get(self.settings.heartbeat_url).raise_for_status()
             return True
-        except httpx.HTTPError as exc:
-            log.error("heartbeat ping failed: %s", exc)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            log.error("heartbeat ping failed: %s", describe_failure(exc))
             return False
 
 
-def _sentry_message(settings: Settings, message: str) -> None:
-    if not settings.sentry_dsn:
-        return
-    try:
-        import sentry_sdk
-    except ImportError:
-        log.warning("CAPSULE_SENTRY_DSN is set but sentry-sdk is not installed (extra: sentry)")
-        return
-    if not sentry_sdk.is_initialized():
-        sentry_sdk.init(dsn=settings.sentry_dsn)
-    sentry_sdk.capture_message(message, level="error")
+def describe_failure(exc: httpx.HTTPError | httpx.InvalidURL) -> str:
+    """`host <name>: HTTP <status>` or `host <name>: <error type>`: no path, no query, no token."""
+    host = "?"
+    if isinstance(exc, httpx.HTTPError):
+        with contextlib.suppress(RuntimeError):  # raised before a request existed
+            host = exc.request.url.host or "?"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"host {host}: HTTP {exc.response.status_code}"
+    return f"host {host}: {type(exc).__name__}"

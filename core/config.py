@@ -108,6 +108,14 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "How long a claimed delivery may stay processing.",
     ),
     (
+        "LOOKUP_SETTLE_SECONDS",
+        "lookup_settle_seconds",
+        _float,
+        "120",
+        "After an unknown outcome, a lagging search (Postmark) finding nothing is trusted only "
+        "this long after the last ambiguous call; until then the letter waits, pinned.",
+    ),
+    (
         "GRACE_SECONDS",
         "grace_seconds",
         _int,
@@ -323,7 +331,13 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "",
         "URL pinged after each successful backstop run.",
     ),
-    ("SENTRY_DSN", "sentry_dsn", _optional, "", "Sentry DSN; needs the sentry extra."),
+    (
+        "SENTRY_DSN",
+        "sentry_dsn",
+        _optional,
+        "",
+        "Sentry DSN: error reports from the consumer, the CLI and the console, scrubbed of letter text and secrets.",
+    ),
     (
         "HEALTH_MAX_AGE_SECONDS",
         "health_max_age_seconds",
@@ -339,6 +353,27 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "capsule health fails with more stuck rows than this.",
     ),
     ("DEMO_MODE", "demo_mode", _bool, "false", "Console without login (embedded default only)."),
+    (
+        "MISSING_KEY_RETRY_SECONDS",
+        "missing_key_retry_seconds",
+        _int,
+        "300",
+        "A letter whose key is not in the keyring waits this long (plus a spread) before the next try.",
+    ),
+    (
+        "BULK_MAX_ROWS",
+        "bulk_max_rows",
+        _int,
+        "10000",
+        "Most rows one bulk operation may touch.",
+    ),
+    (
+        "MARKER_CHECK_SECONDS",
+        "marker_check_seconds",
+        _float,
+        "2",
+        "Each consumer checks the broker's marker this often; 0 = only the minute's dispatcher.",
+    ),
 ]
 
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
@@ -357,6 +392,7 @@ class Settings:
     encryption_keys: str = ""
     dispatch_horizon_seconds: int = 3600
     lease_seconds: int = 300
+    lookup_settle_seconds: float = 120
     grace_seconds: int = 60
     max_attempts: int = 5
     backoff_base_seconds: float = 30
@@ -402,6 +438,9 @@ class Settings:
     health_max_age_seconds: int = 300
     health_max_stuck: int = 50
     demo_mode: bool = False
+    missing_key_retry_seconds: int = 300
+    bulk_max_rows: int = 10000
+    marker_check_seconds: float = 2
 
     def __repr__(self) -> str:
         # Keys and tokens must never reach a log line through a repr.
@@ -431,12 +470,18 @@ class Settings:
             "PROVIDER_RATE_PER_SECOND": self.provider_rate_per_second,
             "BATCH_SIZE": self.batch_size,
             "DB_POOL_SIZE": self.db_pool_size,
+            "MISSING_KEY_RETRY_SECONDS": self.missing_key_retry_seconds,
+            "BULK_MAX_ROWS": self.bulk_max_rows,
         }
         for suffix, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"CAPSULE_{suffix}", f"must be positive, got {value}")
         if self.grace_seconds < 0:
             raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
+        if self.lookup_settle_seconds < 0:
+            raise ConfigError("CAPSULE_LOOKUP_SETTLE_SECONDS", "must not be negative")
+        if self.marker_check_seconds < 0:
+            raise ConfigError("CAPSULE_MARKER_CHECK_SECONDS", "must not be negative")
         url = self.resolved_database_url
         if not (url.startswith("sqlite") or url.startswith("postgresql")):
             raise ConfigError(
@@ -457,6 +502,12 @@ class Settings:
             raise ConfigError(
                 "CAPSULE_DEMO_MODE",
                 "demo mode is allowed only on the embedded default (SQLite, no Redis)",
+            )
+        if self.demo_mode and self.providers != ("outbox",):
+            raise ConfigError(
+                "CAPSULE_DEMO_MODE",
+                "demo mode sends only to the file outbox: set CAPSULE_PROVIDERS=outbox "
+                f"(got {','.join(self.providers)})",
             )
 
     @property

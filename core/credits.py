@@ -13,8 +13,11 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.errors import InsufficientCredit
+from core.errors import InsufficientCredit, ValidationError
 from core.models import CreditEntry, User
+
+MAX_GRANT = 1_000_000
+MAX_BALANCE = 1_000_000_000  # well inside a 32-bit INTEGER column
 
 
 def balance(session: Session, user_id: int) -> int:
@@ -37,8 +40,14 @@ def held_by(session: Session, delivery_id: uuid.UUID) -> int:
 def grant(
     session: Session, user_id: int, amount: int, now: datetime, reason: str = "grant"
 ) -> None:
-    if amount <= 0:
-        raise ValueError("a grant must be positive")
+    """Add `amount` credits; ValidationError unless 1 ≤ amount ≤ MAX_GRANT and the balance stays
+    within MAX_BALANCE (the ledger's integer column and its sums must never overflow)."""
+    if not 1 <= amount <= MAX_GRANT:
+        raise ValidationError("credits", f"a grant must be between 1 and {MAX_GRANT} credits")
+    if balance(session, user_id) + amount > MAX_BALANCE:
+        raise ValidationError(
+            "credits", f"the balance would exceed {MAX_BALANCE} credits; grant fewer"
+        )
     session.add(CreditEntry(user_id=user_id, amount=amount, reason=reason, created_at=now))
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -138,31 +138,58 @@ def load_keyring(spec: str, keys_path: Path) -> Keyring:
     return Keyring.parse(keys_path.read_text(), variable=str(keys_path))
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A letter rotation could not open: its id, its key id and why (never its text)."""
+
+    letter_id: uuid.UUID
+    key_id: str
+    reason: str  # missing_key | decryption
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What `rotate_letters` did: letters re-sealed, and those it left as they were."""
+
+    rotated: int
+    skipped: list[Skipped] = field(default_factory=list)
+
+
 def rotate_letters(
     session_factory: SessionFactory, keyring: Keyring, *, batch_size: int = 500
-) -> int:
+) -> Rotation:
     """Re-seal every letter not under the active key; commits per batch, so it can resume.
 
-    Returns the number of letters re-sealed.
+    A letter that cannot be opened (its key is not in the keyring, or its ciphertext fails
+    authentication) is left untouched and reported; the rest are rotated all the same. The
+    walk goes by letter id, so a skipped letter is met once per call, never again and again.
     """
-    total = 0
+    rotated = 0
+    skipped: list[Skipped] = []
+    after: uuid.UUID | None = None
     while True:
         with session_factory() as session:
-            letters = session.scalars(
-                select(Letter)
-                .where(Letter.key_id != keyring.active_id)
-                .order_by(Letter.id)
-                .limit(batch_size)
-            ).all()
+            query = select(Letter).where(Letter.key_id != keyring.active_id)
+            if after is not None:
+                query = query.where(Letter.id > after)
+            letters = session.scalars(query.order_by(Letter.id).limit(batch_size)).all()
             if not letters:
-                return total
+                return Rotation(rotated, skipped)
             for letter in letters:
-                subject, body = keyring.open(
-                    letter.key_id, letter.id, letter.subject_ciphertext, letter.body_ciphertext
-                )
+                try:
+                    subject, body = keyring.open(
+                        letter.key_id, letter.id, letter.subject_ciphertext, letter.body_ciphertext
+                    )
+                except UnknownKeyId:
+                    skipped.append(Skipped(letter.id, letter.key_id, "missing_key"))
+                    continue
+                except DecryptionFailed:
+                    skipped.append(Skipped(letter.id, letter.key_id, "decryption"))
+                    continue
                 sealed = keyring.seal(letter.id, subject, body)
                 letter.key_id = sealed.key_id
                 letter.subject_ciphertext = sealed.subject
                 letter.body_ciphertext = sealed.body
+                rotated += 1
+            after = letters[-1].id
             session.commit()
-            total += len(letters)

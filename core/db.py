@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
+from core.files import private_dir, private_sqlite
 
 T = TypeVar("T")
 SessionFactory = sessionmaker[Session]
@@ -49,8 +50,11 @@ def make_engine(settings: Settings, **overrides: Any) -> Engine:
 
 def _sqlite_engine(settings: Settings, url: str, **overrides: Any) -> Engine:
     database = make_url(url).database
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    if database and database != ":memory:" and not database.startswith("file:"):
+        # Created 0600 (in a 0700 directory) before SQLite opens it; -wal/-shm follow its mode.
+        parent = Path(database).parent
+        private_dir(parent, tighten=parent.resolve() == settings.var_path.resolve())
+        private_sqlite(database)
     options: dict[str, Any] = {
         "connect_args": {
             "timeout": settings.sqlite_busy_timeout_ms / 1000,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from core.models import (
     Status,
     User,
 )
+from core.operators import validate_display_name
 from core.outcomes import DEFER, RETRY, SENT, Decision, Outcome, decide
 from core.policy import lease_until, within_horizon
 
@@ -78,15 +80,57 @@ def validate_deliver_at(deliver_at: datetime, now: datetime, max_years: int) -> 
         )
 
 
+# A subject is one line of text. Control characters (Cc: CR, LF, VT, FF, U+0085, NUL, ESC, TAB
+# too), line and paragraph separators (Zl, Zp) and invisible format characters (Cf: bidi
+# overrides, zero-width spaces, BOM) cannot be put in a mail header or would let a subject
+# look like something else; such a letter could never be sent. Zero-width (non-)joiners are
+# kept, and emoji tag characters: emoji sequences and several scripts need them. Surrogates (Cs) are text that was not
+# UTF-8 and cannot be stored.
+_SUBJECT_REFUSED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_SUBJECT_ALLOWED = frozenset({"\u200c", "\u200d"})
+_CONTROL_NAMES = {
+    "\t": "TAB",
+    "\n": "LINE FEED",
+    "\x0b": "VERTICAL TAB",
+    "\x0c": "FORM FEED",
+    "\r": "CARRIAGE RETURN",
+    "\x85": "NEXT LINE",
+    "\x00": "NUL",
+    "\x1b": "ESCAPE",
+}
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why `subject` cannot be a mail subject line, or None; never quotes the subject."""
+    for position, char in enumerate(subject, start=1):
+        if char in _SUBJECT_ALLOWED or "\U000e0020" <= char <= "\U000e007f":
+            continue  # joiners and emoji tag sequences (subdivision flags)
+        category = unicodedata.category(char)
+        if category in _SUBJECT_REFUSED:
+            name = _CONTROL_NAMES.get(char) or unicodedata.name(char, "")
+            label = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+            kind = (
+                "text that is not UTF-8" if category == "Cs" else "a control or invisible character"
+            )
+            return f"the subject contains {kind} ({label}, character {position}); use one line of plain text"
+    return None
+
+
 def validate_letter(subject: str, body: str, max_bytes: int) -> None:
+    """Refuse a letter that could never be sent as given (ValidationError naming the field)."""
     if not subject.strip():
         raise ValidationError("subject", "the subject is empty")
     if len(subject) > MAX_SUBJECT_CHARS:
         raise ValidationError(
             "subject", f"the subject is longer than {MAX_SUBJECT_CHARS} characters"
         )
+    problem = subject_problem(subject)
+    if problem:
+        raise ValidationError("subject", problem)
     if not body.strip():
         raise ValidationError("body", "the letter is empty")
+    if any("\ud800" <= char <= "\udfff" for char in body):
+        raise ValidationError("body", "the letter contains text that is not UTF-8")
     size = len(subject.encode()) + len(body.encode())
     if size > max_bytes:
         raise LetterTooLarge("body", f"the letter is {size} bytes; the limit is {max_bytes}")
@@ -142,6 +186,7 @@ def find_user(session: Session, email: str) -> User:
 def create_user(session: Session, email: str, name: str, now: datetime, credit: int = 0) -> User:
     """Add an account (idempotent on email) and grant it `credit`."""
     address = normalize_address(email, "email").lower()
+    name = validate_display_name(name)
     user = session.scalar(select(User).where(User.email == address))
     if user is None:
         user = User(email=address, name=name, created_at=now)
@@ -368,6 +413,10 @@ class Claim:
     user_id: int
     pinned_provider: str | None
     error_class: str | None  # of the previous run; "lease_expired" means its outcome is unknown
+    # When the last call whose outcome is unknown ended (the pinned provider's last ambiguous
+    # call; for a recovered lease, the recovery): a lagging search is trusted only a settle
+    # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
+    ambiguous_at: datetime | None = None
     batch_id: uuid.UUID | None = None  # the live batch it is claimed in
 
 
@@ -416,6 +465,11 @@ def claim(
     row = result.one_or_none()
     if row is None:
         return None
+    ambiguous_at = None
+    if row.pinned_provider is not None:
+        ambiguous_at = _last_ambiguous_call(session, delivery_id, row.pinned_provider)
+    elif row.error_class == ErrorClass.LEASE_EXPIRED:
+        ambiguous_at = _lease_recovered_at(session, delivery_id)
     return Claim(
         delivery_id,
         task_id,
@@ -428,7 +482,39 @@ def claim(
         pinned_provider=row.pinned_provider,
         error_class=row.error_class,
         batch_id=row.batch_id,
+        ambiguous_at=ambiguous_at,
     )
+
+
+def _last_ambiguous_call(
+    session: Session, delivery_id: uuid.UUID, provider: str
+) -> datetime | None:
+    """When the last call to `provider` with an unknown outcome ended (its attempt row)."""
+    call = session.execute(
+        select(DeliveryAttempt.started_at, DeliveryAttempt.duration_ms)
+        .where(
+            DeliveryAttempt.delivery_id == delivery_id,
+            DeliveryAttempt.provider == provider,
+            DeliveryAttempt.outcome == ErrorClass.AMBIGUOUS,
+        )
+        .order_by(DeliveryAttempt.id.desc())
+        .limit(1)
+    ).one_or_none()
+    if call is None:
+        return None
+    started: datetime = call.started_at
+    return started + timedelta(milliseconds=int(call.duration_ms))
+
+
+def _lease_recovered_at(session: Session, delivery_id: uuid.UUID) -> datetime | None:
+    """When the backstop recovered the lease: the dead run's send, if any, ended before."""
+    recovered: datetime | None = session.scalar(
+        select(AuditEvent.created_at)
+        .where(AuditEvent.delivery_id == delivery_id, AuditEvent.type == "delivery.lease_recovered")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    return recovered
 
 
 @dataclass(frozen=True)
@@ -590,6 +676,7 @@ def _write_one(
                 pinned_provider=outcome.pinned_provider,
                 round_attempts=Delivery.round_attempts - (1 if deferred else 0),
                 batch_id=claimed.batch_id if outcome.keep_batch else None,
+                attempt_count=Delivery.attempt_count - (1 if decision.uncounted else 0),
                 **common,
             )
         )

@@ -20,7 +20,8 @@
         ├── TransientProviderError  definitely not accepted; may work later or elsewhere
         ├── AmbiguousProviderError  may have been accepted; retry the same provider, same key
         └── PermanentProviderError  will never be accepted; do not retry
-            └── PossiblySentError   the provider hints it already has this message
+            ├── PossiblySentError   the provider hints it already has this message
+            └── MessageBuildError   the letter cannot be made into a message; nothing was sent
 
 Each class carries the fields that let a caller act on it without parsing the message.
 """
@@ -28,6 +29,12 @@ Each class carries the fields that let a caller act on it without parsing the me
 from __future__ import annotations
 
 import uuid
+
+
+def quoted(key: object) -> str:
+    """An id as it appears in a message: quoted, control characters escaped, so an id typed
+    with a stray space or newline is visible and a message stays one line."""
+    return repr(str(key))
 
 
 class CapsuleError(Exception):
@@ -77,7 +84,7 @@ class NotFound(CapsuleError):
     def __init__(self, entity: str, key: object) -> None:
         self.entity = entity
         self.key = key
-        super().__init__(f"{entity} {key} not found")
+        super().__init__(f"{entity} {quoted(key)} not found")
 
 
 class DeliveryNotFound(NotFound):
@@ -102,7 +109,7 @@ class InvalidTransition(CapsuleError):
         self.delivery_id = delivery_id
         self.status = status
         self.action = action
-        super().__init__(f"cannot {action} delivery {delivery_id}: it is {status}")
+        super().__init__(f"cannot {action} delivery {quoted(delivery_id)}: it is {status}")
 
 
 class PermissionDenied(CapsuleError):
@@ -131,7 +138,9 @@ class DecryptionFailed(CryptoError):
 
     def __init__(self, letter_id: uuid.UUID) -> None:
         self.letter_id = letter_id
-        super().__init__(f"letter {letter_id} failed authentication (tampered or wrong key)")
+        super().__init__(
+            f"letter {quoted(letter_id)} failed authentication (tampered or wrong key)"
+        )
 
 
 class EnqueueError(CapsuleError):
@@ -139,7 +148,7 @@ class EnqueueError(CapsuleError):
 
     def __init__(self, delivery_id: uuid.UUID, message: str) -> None:
         self.delivery_id = delivery_id
-        super().__init__(f"could not enqueue delivery {delivery_id}: {message}")
+        super().__init__(f"could not enqueue delivery {quoted(delivery_id)}: {message}")
 
 
 class ProviderError(CapsuleError):
@@ -185,3 +194,18 @@ class PossiblySentError(PermanentProviderError):
     """The provider says the key was already used with another payload: a human must look."""
 
     error_class = "possibly_sent"
+
+
+class MessageBuildError(PermanentProviderError):
+    """The letter could not be made into a message or request (a header the format refuses,
+    text that cannot be encoded): raised before anything is sent, so it is never ambiguous.
+
+    The message names the exception's type only: its text may quote the letter.
+    """
+
+    def __init__(self, provider: str, cause: BaseException) -> None:
+        super().__init__(
+            provider,
+            f"the message could not be built ({type(cause).__name__}); nothing was sent",
+            error_code="message_build",
+        )

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.models import Delivery, ReconcilerRun, Status
+from core.models import Delivery, ErrorClass, Letter, ReconcilerRun, Status
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Health:
     stuck_unclaimed: int
     stuck_processing: int
     problems: list[str] = field(default_factory=list)
+    # key id -> scheduled letters waiting for it (their key is not in a worker's keyring)
+    waiting_for_keys: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -46,6 +48,31 @@ def count_stuck(session: Session, now: datetime, grace_seconds: float) -> tuple[
     return int(unclaimed or 0), int(expired or 0)
 
 
+def waiting_for_keys(session: Session) -> dict[str, int]:
+    """Key id → how many scheduled letters a worker found sealed under it and could not open.
+
+    Those letters stay scheduled and are tried again; they go out once the key is back.
+    """
+    rows = session.execute(
+        select(Letter.key_id, func.count())
+        .join(Delivery, Delivery.letter_id == Letter.id)
+        .where(Delivery.status == Status.SCHEDULED, Delivery.error_class == ErrorClass.MISSING_KEY)
+        .group_by(Letter.key_id)
+        .order_by(Letter.key_id)
+    ).all()
+    return {str(key_id): int(count) for key_id, count in rows}
+
+
+def describe_waiting(waiting: dict[str, int]) -> str:
+    """One line for an alert or a health problem: counts and key ids only, never letter text."""
+    total = sum(waiting.values())
+    keys = ", ".join(f"{key_id!r} ({count})" for key_id, count in waiting.items())
+    return (
+        f"{total} letter{'s' if total != 1 else ''} wait for encryption keys missing from the "
+        f"keyring: {keys}; add the key back to CAPSULE_ENCRYPTION_KEYS and restart the consumers"
+    )
+
+
 def check(session: Session, settings: Settings, now: datetime) -> Health:
     last = session.scalar(
         select(func.max(ReconcilerRun.finished_at)).where(
@@ -66,4 +93,7 @@ def check(session: Session, settings: Settings, now: datetime) -> Health:
         problems.append(
             f"{unclaimed + expired} stuck deliveries (limit {settings.health_max_stuck})"
         )
-    return Health(not problems, last, age, unclaimed, expired, problems)
+    waiting = waiting_for_keys(session)
+    if waiting:
+        problems.append(describe_waiting(waiting))
+    return Health(not problems, last, age, unclaimed, expired, problems, waiting)

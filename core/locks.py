@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
+
+from core.files import FILE_MODE, private_dir
 
 
 def lock_key(name: str) -> int:
@@ -38,8 +41,8 @@ def single_runner(engine: Engine, name: str, lock_dir: Path) -> Iterator[bool]:
                     conn.scalar(select(func.pg_advisory_unlock(key)))
                     conn.commit()
         return
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with (lock_dir / f"{name}.lock").open("a") as handle:
+    private_dir(lock_dir)
+    with open(lock_dir / f"{name}.lock", "a", opener=_private_opener) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,3 +52,7 @@ def single_runner(engine: Engine, name: str, lock_dir: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, FILE_MODE)

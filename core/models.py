@@ -84,6 +84,9 @@ class ErrorClass(enum.StrEnum):
     POSSIBLY_SENT = "possibly_sent"
     DECRYPTION = "decryption"
     LEASE_EXPIRED = "lease_expired"
+    # The letter's key is not in the keyring: the row stays scheduled (never failed) and is
+    # tried again later; a configuration problem, shown on the health page.
+    MISSING_KEY = "missing_key"
 
 
 TERMINAL = frozenset({Status.SENT, Status.CANCELED})
@@ -401,3 +404,30 @@ class BulkOperation(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class SignInAttempt(Base):
+    """One console sign-in with a local account: the lockout counts these, per account and
+    per client address, across every browser session and console process."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index(None, "username", "created_at"), Index(None, "client", "created_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    username: Mapped[str] = mapped_column(String(200))
+    client: Mapped[str | None] = mapped_column(String(64))
+    ok: Mapped[bool]
+    created_at: Mapped[datetime]
+
+
+class OperatorCredential(Base):
+    """A local operator's password hash upgraded at sign-in (the secrets file is read-only to
+    the console). Used only while the secrets file still holds the hash it `replaces`
+    (a SHA-256 of that hash), so a new `capsule operator add` entry always wins."""
+
+    __tablename__ = "operator_credentials"
+
+    username: Mapped[str] = mapped_column(String(200), primary_key=True)
+    replaces: Mapped[str] = mapped_column(String(64))
+    password_hash: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime]

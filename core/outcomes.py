@@ -3,7 +3,8 @@ what the row should become: `decide` is the pure half of recording an outcome.
 
     decide(round_attempts, outcome, settings, now, rng) → Decision
         sent                                   → sent
-        deferred (no provider was called)      → defer: back to scheduled, attempt given back
+        deferred (no provider was called, or a missing key)
+                                               → defer: back to scheduled, attempt given back
         retryable and attempts left, not final → retry: back to scheduled after a backoff
         otherwise                              → fail (ambiguous if it was pinned)
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from core.config import Settings
 
 RETRYABLE = frozenset({ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED})
+# Classes a run may defer without spending an attempt. A missing key is never a failure: the
+# letter waits for its key however long that takes.
+DEFERRABLE = RETRYABLE | {ErrorClass.MISSING_KEY}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Decision:
     action: str  # sent | retry | defer | fail
     next_attempt_at: datetime | None = None
     error_class: str | None = None
+    # No provider was asked at all: the run is not counted in the delivery's total either, or
+    # a letter that waited days for its key would reach the failed retrier's cap unsent.
+    uncounted: bool = False
 
 
 def decide(
@@ -93,9 +100,10 @@ def decide(
         return Decision(SENT)
     # A run that reached no provider (circuits open, rate limit closed, a 429 on a batch)
     # tried nothing: it gives its attempt back and comes again once the gate may open.
-    if outcome.deferred and outcome.error_class in RETRYABLE and not outcome.final:
+    if outcome.deferred and outcome.error_class in DEFERRABLE and not outcome.final:
         delay = deferral_seconds(outcome.retry_after, spread=settings.backoff_base_seconds, rng=rng)
-        return Decision(DEFER, now + timedelta(seconds=delay), outcome.error_class)
+        uncounted = outcome.error_class == ErrorClass.MISSING_KEY and not outcome.calls
+        return Decision(DEFER, now + timedelta(seconds=delay), outcome.error_class, uncounted)
     if (
         outcome.error_class in RETRYABLE
         and round_attempts < settings.max_attempts

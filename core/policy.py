@@ -64,6 +64,7 @@ def horizon_end(now: datetime, horizon_seconds: float) -> datetime:
 
 
 _RELATIVE = re.compile(r"^\+(\d+)([smhdw])$")
+_MAX_DIGITS = 12  # +999999999999s is already ~31,700 years
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -71,15 +72,29 @@ def parse_when(text: str, now: datetime) -> datetime:
     """Read `+30s`, `+2h`, `+3d` relative to `now`, or an ISO 8601 time (UTC if no offset)."""
     raw = text.strip()
     match = _RELATIVE.match(raw)
-    if match:
-        amount, unit = match.groups()
-        return now + timedelta(**{_UNITS[unit]: int(amount)})
     try:
+        if match:
+            amount, unit = match.groups()
+            if len(amount) > _MAX_DIGITS:
+                raise OverflowError
+            return now + timedelta(**{_UNITS[unit]: int(amount)})
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+    except OverflowError:
+        # Past the year 9999 (or a count too long to read), or before the year 1 once in UTC.
+        where = "too far ahead" if match else "outside the years 1 to 9999"
+        raise InvalidDeliveryTime(
+            "deliver_at", f"{short_repr(text)} is {where} to be a delivery time"
+        ) from None
     except ValueError:
         raise InvalidDeliveryTime(
-            "deliver_at", f"cannot read {text!r}: use ISO 8601 or +N[smhdw], e.g. +30s, +3d"
+            "deliver_at",
+            f"cannot read {short_repr(text)}: use ISO 8601 or +N[smhdw], e.g. +30s, +3d",
         ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+
+
+def short_repr(text: str, limit: int = 60) -> str:
+    """`text` quoted for a one-line message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

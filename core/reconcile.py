@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core import alerts, notifications
+from core import alerts, health, notifications
 from core.bootstrap import App
 from core.db import session_scope
 from core.deliveries import recover_expired_lease, requeue_delivery
@@ -376,7 +376,20 @@ def _after(app: App, report: RunReport, alerter: alerts.Alerter, now: datetime) 
                 f"backstop found {stuck} stuck deliveries ({report.recovered} with expired leases)",
                 now=now,
             )
+        _alert_missing_keys(app, alerter, now)
         alerter.heartbeat()
+
+
+def _alert_missing_keys(app: App, alerter: alerts.Alerter, now: datetime) -> None:
+    """Letters waiting for a key out of the keyring: one alert per window (rate limited)."""
+    try:
+        with session_scope(app.session_factory) as session:
+            waiting = health.waiting_for_keys(session)
+    except Exception as exc:  # a failed count must not stop the heartbeat
+        log.error("counting letters that wait for a key failed: %s", exc)
+        return
+    if waiting:
+        alerter.alert(alerts.MISSING_KEY, health.describe_waiting(waiting), now=now)
 
 
 def deliver_inline(app: App, *, now: datetime, clock: Callable[[], datetime], runner: str) -> int:

@@ -2,7 +2,9 @@
 
     claim (compare-and-set + lease)  ─ nothing to claim → stop quietly
       + more due letters, or the rest of the letter's live batch (core.batches)
-    decrypt                          ─ unreadable → failed (error class "decryption")
+    decrypt                          ─ key not in the keyring → stays scheduled, tried later
+                                       (error class "missing_key", no attempt spent)
+                                     ─ unreadable → failed (error class "decryption")
     send with the delivery's key     ─ the chain fails over only on "definitely not accepted"
       or the batch in one call under the batch's key
     record the outcome(s)            ─ sent | retry later (backoff) | failed (+ owner notice),
@@ -20,7 +22,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,7 +33,7 @@ from core.bootstrap import App
 from core.db import retry_db, session_scope
 from core.deliveries import Claim, Recorded, claim, record_outcome, record_outcomes
 from core.dispatch import dispatch
-from core.errors import CryptoError
+from core.errors import CryptoError, UnknownKeyId
 from core.models import Delivery, ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
@@ -51,6 +53,20 @@ class _Batched:
     replay: bool
     # outcomes known before any call: unreadable letters, an expired key, a changed request
     early: dict[uuid.UUID, Outcome] = field(default_factory=dict)
+
+
+def _missing_key(app: App, claimed: Claim, exc: UnknownKeyId, *, replay: bool = False) -> Outcome:
+    # A configuration problem, not the letter's: it waits for the key, spending nothing,
+    # and keeps its pin (a pinned letter may have reached its provider already). A member of
+    # a batch being replayed stays in it: its first call may have carried the letter.
+    return Outcome(
+        error_class=ErrorClass.MISSING_KEY,
+        error=str(exc),
+        deferred=True,
+        retry_after=app.settings.missing_key_retry_seconds,
+        pinned_provider=claimed.pinned_provider,
+        keep_batch=replay,
+    )
 
 
 def _email(app: App, claimed_key: str, to: str, delivery_id: uuid.UUID, letter: Letter) -> Email:
@@ -188,6 +204,10 @@ def _prepare(
             continue
         try:
             email = _email(app, row.idempotency_key, row.recipient_email, delivery_id, row.Letter)
+        except UnknownKeyId as exc:
+            if delivery_id in held:
+                work.early[delivery_id] = _missing_key(app, held[delivery_id], exc, replay=replay)
+            continue
         except CryptoError as exc:
             if delivery_id in held:
                 work.early[delivery_id] = Outcome(ErrorClass.DECRYPTION, error=str(exc))
@@ -201,13 +221,17 @@ def _send(app: App, claimed: Claim, letter: Letter, clock: Clock) -> Outcome:
         email = _email(
             app, claimed.idempotency_key, claimed.recipient_email, claimed.delivery_id, letter
         )
+    except UnknownKeyId as exc:
+        return _missing_key(app, claimed, exc)
     except CryptoError as exc:
         return Outcome(error_class=ErrorClass.DECRYPTION, error=str(exc))
+    settle = timedelta(seconds=app.settings.lookup_settle_seconds)
     return app.chain.send(
         email,
         pinned=claimed.pinned_provider,
         look_first=claimed.error_class == ErrorClass.LEASE_EXPIRED,
         now=clock(),
+        settle_until=claimed.ambiguous_at + settle if claimed.ambiguous_at else None,
     )
 
 

@@ -1,17 +1,24 @@
 """`capsule`: the operator's command line.
 
 Every failure the domain can name ends as one readable line on stderr and exit status 2;
-nothing is written when a command fails.
+nothing is written when a command fails. That includes what argparse refuses, arguments that
+are not UTF-8, numbers out of range and files that cannot be read or written.
+
+Commands that change a delivery name who did it (`cli:<OS user>`, or `--actor NAME via
+cli:<OS user>`) and why (`--reason`, required, one line) in the audit trail.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
+import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
@@ -27,11 +34,16 @@ from core.deliveries import (
     reschedule_delivery,
     schedule_delivery,
 )
-from core.errors import CapsuleError, DeliveryNotFound
+from core.errors import CapsuleError, DeliveryNotFound, ValidationError
+from core.files import append_private, private_dir
 from core.models import Delivery, DeliveryAttempt
-from core.policy import parse_when, utcnow
+from core.policy import parse_when, short_repr, utcnow
 
 EXIT_ERROR = 2
+MAX_ACTOR_CHARS = 64
+MAX_REASON_CHARS = 500
+ACTOR_HELP = "who asked for this, recorded with the OS user (default: the OS user alone)"
+REASON_HELP = "why (required, one line; kept in the audit trail)"
 
 
 def _app() -> App:
@@ -47,8 +59,57 @@ def _delivery_id(text: str) -> uuid.UUID:
         raise DeliveryNotFound(text) from None
 
 
+def os_user() -> str:
+    """Who runs this process, as the OS knows them; the uid when no name can be found."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError, ImportError):  # no passwd entry (containers), no env vars
+        name = ""
+    return name if name and _line_problem(name) is None else f"uid {os.getuid()}"
+
+
 def _actor(args: argparse.Namespace) -> str:
-    return str(getattr(args, "actor", None) or "cli")
+    """`cli:<OS user>`; `--actor NAME` is recorded next to the OS user, never instead of it."""
+    who = f"cli:{os_user()}"
+    given = getattr(args, "actor", None)
+    if given is None:
+        return who
+    return f"{_one_line(given, 'actor', MAX_ACTOR_CHARS)} via {who}"
+
+
+def _reason(args: argparse.Namespace) -> str:
+    """The operator's reason for a change: required, one line of text."""
+    return _one_line(args.reason or "", "reason", MAX_REASON_CHARS)
+
+
+def _one_line(value: str, field: str, limit: int) -> str:
+    text = value.strip()
+    if not text:
+        raise ValidationError(field, f"--{field} must not be empty")
+    if len(text) > limit:
+        raise ValidationError(field, f"--{field} is longer than {limit} characters")
+    problem = _line_problem(text)
+    if problem:
+        raise ValidationError(field, f"--{field} contains {problem}")
+    return text
+
+
+def _line_problem(text: str) -> str | None:
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            return f"a control or invisible character (U+{ord(char):04X})"
+    return None
+
+
+def _read_stdin_text(what: str) -> str:
+    """All of stdin as UTF-8 text; a ValidationError (not a traceback) when it is not."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(
+            what, f"{what} on stdin is not UTF-8 text (byte {exc.start + 1})"
+        ) from None
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -78,10 +139,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
         print(f"keyring {path} already exists")
         return 0
     Keyring.parse(existing + "\n" + entry, variable=str(path))  # rejects a duplicate id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(entry + "\n")
-    path.chmod(0o600)
+    if path.parent.resolve() == settings.var_path.resolve():
+        private_dir(settings.var_path, tighten=True)
+    append_private(path, entry + "\n")  # 0600 from its first byte
     print(f"added key {entry.split(':')[0]} to {path}; it now encrypts new letters")
     return 0
 
@@ -90,9 +150,37 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from core.crypto import rotate_letters
 
     app = _app()
-    count = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
-    print(f"re-encrypted {count} letters under key {app.keyring.active_id}")
-    return 0
+    if args.batch_size < 1:
+        raise CapsuleError("--batch-size must be at least 1")
+    result = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
+    skipped = result.skipped
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "active_key": app.keyring.active_id,
+                    "rotated": result.rotated,
+                    "skipped": [
+                        {"letter_id": str(s.letter_id), "key_id": s.key_id, "reason": s.reason}
+                        for s in skipped
+                    ],
+                }
+            )
+        )
+    else:
+        print(
+            f"re-encrypted {result.rotated} letters under key {app.keyring.active_id}; "
+            f"skipped {len(skipped)}"
+        )
+        for s in skipped:
+            why = (
+                f"key {s.key_id!r} is not in the keyring"
+                if s.reason == "missing_key"
+                else f"fails authentication under key {s.key_id!r} (tampered or wrong key)"
+            )
+            print(f"skipped letter {s.letter_id}: {why}")
+    # Non-zero so a script notices; nothing failed to be written, so not the error status 2.
+    return 1 if skipped else 0
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
@@ -123,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     app = _app()
     now = utcnow()
-    body = args.body if args.body is not None else sys.stdin.read()
+    body = args.body if args.body is not None else _read_stdin_text("the letter")
     with session_scope(app.session_factory) as session:
         user_id = find_user(session, args.user).id
     result = schedule_delivery(
@@ -202,20 +290,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    actor, reason = _actor(args), _reason(args)  # refused before anything is opened
     app = _app()
     cancel_delivery(
         app.session_factory,
         app.enqueuer,
         _delivery_id(args.id),
         now=utcnow(),
-        actor=_actor(args),
-        reason=args.reason,
+        actor=actor,
+        reason=reason,
     )
     print(f"canceled {args.id}")
     return 0
 
 
 def cmd_reschedule(args: argparse.Namespace) -> int:
+    actor, reason = _actor(args), _reason(args)  # refused before anything is opened
     app = _app()
     now = utcnow()
     reschedule_delivery(
@@ -225,22 +315,23 @@ def cmd_reschedule(args: argparse.Namespace) -> int:
         _delivery_id(args.id),
         parse_when(args.at, now),
         now=now,
-        actor=_actor(args),
-        reason=args.reason,
+        actor=actor,
+        reason=reason,
     )
     print(f"rescheduled {args.id}")
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    actor, reason = _actor(args), _reason(args)  # refused before anything is opened
     app = _app()
     requeue_delivery(
         app.session_factory,
         app.enqueuer,
         _delivery_id(args.id),
         now=utcnow(),
-        actor=_actor(args),
-        reason=args.reason,
+        actor=actor,
+        reason=reason,
     )
     print(f"requeued {args.id}")
     return 0
@@ -293,7 +384,7 @@ def _settings() -> Any:
 def _read_password() -> str:
     """The new password: the first line of stdin when piped, else typed twice at a prompt."""
     if not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\n")
+        return _read_stdin_text("the password").split("\n", 1)[0].rstrip("\r")
     import getpass
 
     first = getpass.getpass("Password: ")
@@ -303,7 +394,6 @@ def _read_password() -> str:
 
 
 def cmd_operator_add(args: argparse.Namespace) -> int:
-    import os
     import re
     from pathlib import Path
 
@@ -320,18 +410,39 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
     header = entry.splitlines()[0]
     if re.search(rf"^\s*{re.escape(header)}\s*$", existing, flags=re.MULTILINE):
         raise CapsuleError(f"{path} already has {header}: remove it first to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(("\n" if existing and not existing.endswith("\n\n") else "") + entry)
-    os.chmod(path, 0o600)
+    append_private(path, ("\n" if existing and not existing.endswith("\n\n") else "") + entry)
     print(f"added operator {username} ({role.value}) to {path}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its refusals as one line like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        _fail(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+        raise SystemExit(EXIT_ERROR)
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer within [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:  # also a number too long to read
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number, got {short_repr(text)}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="capsule", description="Capsule delivery: letters to one's future self."
-    )
+    parser = _Parser(prog="capsule", description="Capsule delivery: letters to one's future self.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -359,9 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="only print the new id:key entry")
     p.add_argument("--if-missing", action="store_true", help="do nothing when a keyring exists")
     p = add(
-        "rotate", cmd_keys_rotate, "re-encrypt every letter under the newest key (resumable)", keys
+        "rotate",
+        cmd_keys_rotate,
+        "re-encrypt every letter under the newest key (resumable); letters it cannot open are "
+        "skipped and listed, and the exit status is 1 when any were",
+        keys,
     )
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=_whole_number(1, 100_000), default=500)
+    p.add_argument(
+        "--json", action="store_true", help="print the counts and the skipped letters as JSON"
+    )
 
     user = sub.add_parser("user", help="accounts").add_subparsers(
         dest="user_command", required=True, metavar="COMMAND"
@@ -369,10 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("add", cmd_user_add, "create an account (or grant credits to an existing one)", user)
     p.add_argument("email")
     p.add_argument("--name", default="")
-    p.add_argument("--credits", type=int, default=0)
+    p.add_argument(
+        "--credits",
+        type=_whole_number(0, credits.MAX_GRANT),
+        default=0,
+        help=f"credits to grant (0 to {credits.MAX_GRANT})",
+    )
 
     p = add("demo", cmd_demo, "seed two weeks of realistic demo deliveries (once)")
-    p.add_argument("--count", type=int, default=3000)
+    p.add_argument("--count", type=_whole_number(1, 1_000_000), default=3000)
     p.add_argument("--force", action="store_true")
 
     p = add("schedule", cmd_schedule, "schedule a letter; prints the delivery id")
@@ -380,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="recipient address")
     p.add_argument("--at", required=True, help="ISO 8601 time or +30s, +2h, +3d, +1w")
     p.add_argument("--subject", required=True)
-    p.add_argument("--body", help="letter text (default: read stdin)")
-    p.add_argument("--actor")
+    p.add_argument("--body", help="letter text (default: read stdin, UTF-8)")
+    p.add_argument("--actor", help=ACTOR_HELP)
 
     p = add("status", cmd_status, "print a delivery and its attempts as JSON (never the letter)")
     p.add_argument("id")
@@ -392,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, fn, text)
         p.add_argument("id")
-        p.add_argument("--reason", required=True)
-        p.add_argument("--actor")
+        p.add_argument("--reason", required=True, help=REASON_HELP)
+        p.add_argument("--actor", help=ACTOR_HELP)
     p = add(
         "reconcile", cmd_reconcile, "run the dispatcher and the backstop once (for a system cron)"
     )
@@ -411,9 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reschedule", cmd_reschedule, "move a scheduled delivery to a new time")
     p.add_argument("id")
-    p.add_argument("--at", required=True)
-    p.add_argument("--reason", default=None)
-    p.add_argument("--actor")
+    p.add_argument("--at", required=True, help="ISO 8601 time or +30s, +2h, +3d, +1w")
+    p.add_argument("--reason", required=True, help=REASON_HELP)
+    p.add_argument("--actor", help=ACTOR_HELP)
 
     operator = sub.add_parser("operator", help="console operators").add_subparsers(
         dest="operator_command", required=True, metavar="COMMAND"
@@ -433,15 +556,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    for position, argument in enumerate(arguments, start=1):
+        # Bytes that are not UTF-8 arrive as lone surrogates: nothing downstream can store them.
+        if any("\ud800" <= char <= "\udfff" for char in argument):
+            _fail(f"argument {position} is not UTF-8 text")
+            return EXIT_ERROR
+    args = build_parser().parse_args(arguments)
     try:
+        _start_telemetry()
         return int(args.fn(args))
     except CapsuleError as exc:
-        print(f"capsule: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        _fail(str(exc))
     except DBAPIError as exc:
-        print(f"capsule: error: {_database_problem(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        _fail(_database_problem(exc))
+    except OSError as exc:
+        _fail(_file_problem(exc))
+    return EXIT_ERROR
+
+
+def _fail(message: str) -> None:
+    """The one line on stderr every refusal ends as."""
+    print(f"capsule: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _file_problem(exc: OSError) -> str:
+    where = f": {exc.filename!r}" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
+
+
+def _start_telemetry() -> None:
+    """Sentry, when CAPSULE_SENTRY_DSN is set, before any command runs."""
+    settings = _settings()
+    if settings.sentry_dsn:
+        from core.telemetry import init_sentry
+
+        init_sentry(settings, component="cli")
 
 
 def _database_problem(exc: DBAPIError) -> str:

@@ -66,9 +66,10 @@ def _progress(operator: Operator, op: BulkView) -> None:
         top = st.columns([4, 1], vertical_alignment="center")
         with top[0]:
             st.markdown(
-                f"{ui.STATE_ICONS.get(op.state, '')} **#{op.id} {op.action}** · {op.state} · "
-                f"by {op.actor} · {op.rate_per_second:g}/s  \n"
-                f"{FailedFilter.from_dict(op.filter).describe()} — _{op.reason}_"
+                f"{ui.STATE_ICONS.get(op.state, '')} **\\#{op.id} {ui.text(op.action)}** · "
+                f"{ui.text(op.state)} · by {ui.text(op.actor)} · {op.rate_per_second:g}/s  \n"
+                f"{ui.text(FailedFilter.from_dict(op.filter).describe())} — "
+                f"_{ui.text(op.reason)}_"
             )
         with top[1]:
             if op.state in ("pending", "running") and st.button(
@@ -80,7 +81,7 @@ def _progress(operator: Operator, op: BulkView) -> None:
                     )
                     ui.flash("warning", f"Bulk operation #{op.id}: {state}.")
                 except CapsuleError as exc:
-                    ui.flash("error", str(exc))
+                    ui.flash("error", str(exc))  # shown as text by ui.show_flash
                 data.refresh()
         st.progress(
             op.progress,
@@ -101,7 +102,7 @@ def _announce_finished(op_ids: set[int]) -> None:
             f"Bulk operation #{op_id} {view.state}: {view.done_count:,} requeued, "
             f"{view.skipped_count:,} skipped."
         )
-        (st.success if view.state == "done" else st.warning)(text)
+        (st.success if view.state == "done" else st.warning)(ui.text(text))
         data.bulk_history.clear()
 
 
@@ -150,7 +151,7 @@ def _dry_run(flt: FailedFilter, rate: float) -> None:
         )
         st.caption(
             "Dry run: nothing was changed. First rows in processing order: "
-            + ", ".join(result.first_ids)
+            + ui.text(", ".join(result.first_ids))
         )
 
 
@@ -184,7 +185,7 @@ def _launch(operator: Operator, flt: FailedFilter, count: int, rate: float) -> N
             enqueue=data.enqueue_bulk,
         )
     except CapsuleError as exc:
-        st.error(str(exc))
+        st.error(ui.text(exc))
         return
     if launched.state == "error":
         ui.flash(
@@ -216,7 +217,7 @@ def render() -> None:
     st.subheader("1 · Choose failed deliveries")
     flt = filters()
     shown = data.bulk_preview(flt)
-    st.metric("Matching now", f"{shown.count:,}", help=shown.filter.describe())
+    st.metric("Matching now", f"{shown.count:,}", help=ui.text(shown.filter.describe()))
     if shown.count == 0:
         st.info("No failed delivery matches this filter.")
     else:

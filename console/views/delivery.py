@@ -43,7 +43,7 @@ def _lookup() -> str | None:
     if "@" in query:
         matches = data.deliveries_for_address(query)
         if matches.empty:
-            st.info(f"No delivery for {query}.")
+            st.info(f"No delivery for {ui.code(query)}.")
             return None
         event = st.dataframe(
             matches,
@@ -68,11 +68,14 @@ def _lookup() -> str | None:
 def _summary(d: DeliveryDetail) -> None:
     st.subheader(f"Delivery {d.id}")
     st.markdown(
-        f"{ui.status_chip(d.status)} &nbsp; to **{d.recipient_email}** &nbsp;·&nbsp; "
-        f"owner **{d.owner_name or d.owner_email}** ({d.owner_email})"
+        f"{ui.status_chip(d.status)} &nbsp; to {ui.code(d.recipient_email)} &nbsp;·&nbsp; "
+        f"owner **{ui.text(d.owner_name or d.owner_email)}** ({ui.code(d.owner_email)})"
     )
     if d.last_error:
-        st.error(f"**{d.error_class or 'error'}**: {d.last_error}", icon=":material/error:")
+        st.error(
+            f"**{ui.text(d.error_class or 'error')}**: {ui.text(d.last_error)}",
+            icon=":material/error:",
+        )
     ui.facts(
         [
             ("Deliver at (the owner's intent)", ui.when(d.deliver_at)),
@@ -84,7 +87,7 @@ def _summary(d: DeliveryDetail) -> None:
             ("Runs (this round / all)", f"{d.round_attempts} / {d.attempt_count}"),
             ("Provider / message id", f"{d.provider or '—'} / {d.provider_message_id or '—'}"),
             ("Pinned provider", d.pinned_provider),
-            ("Current task id", f"`{d.task_id}`" if d.task_id else None),
+            ("Current task id", d.task_id),
             ("Dispatched at", ui.when(d.dispatched_at)),
             ("Lease until", ui.when(d.lease_until)),
             ("Credit held", d.credit_held),
@@ -137,7 +140,7 @@ def render() -> None:
         return
     detail = data.delivery_detail(delivery_id)
     if detail is None:
-        st.warning(f"No delivery has id {delivery_id}.")
+        st.warning(f"No delivery has id {ui.code(delivery_id)}.")
         return
     _summary(detail)
     if detail.status == "failed":

@@ -34,7 +34,8 @@ def _runners(health: data.Health) -> None:
     for col, state in zip(cols, health.runners, strict=False):
         label, color = _verdict(state, limits.get(state.kind, settings.health_max_age_seconds))
         with col, st.container(border=True):
-            st.markdown(f"**{KIND_LABELS.get(state.kind, state.kind)}**  \n:{color}-badge[{label}]")
+            kind = KIND_LABELS.get(state.kind) or ui.text(state.kind)
+            st.markdown(f"**{kind}**  \n:{color}-badge[{label}]")
             if state.started_at is None:
                 st.caption("no run recorded")
             else:
@@ -66,7 +67,24 @@ def _runners(health: data.Health) -> None:
             st.caption(f"{queue.pending:,} pending · {queue.scheduled:,} scheduled (ETA)")
         else:
             st.markdown("**Queue**  \n:red-badge[unreachable]")
-            st.caption(queue.error or "")
+            st.caption(ui.text(queue.error))
+
+
+def _waiting_for_keys(waiting: dict[str, int]) -> None:
+    """Letters a worker could not open because their key is missing: they wait, unfailed."""
+    if not waiting:
+        return
+    total = sum(waiting.values())
+    st.error(
+        f"{total:,} letter{'s' if total != 1 else ''} wait for encryption keys missing from "
+        "the keyring. They stay scheduled and go out once the key is back in "
+        "CAPSULE_ENCRYPTION_KEYS and the consumers are restarted.",
+        icon=":material/key_off:",
+    )
+    st.dataframe(
+        [{"key id": key_id, "letters waiting": n} for key_id, n in waiting.items()],
+        hide_index=True,
+    )
 
 
 def render() -> None:
@@ -81,6 +99,7 @@ def render() -> None:
     def live() -> None:
         health = data.health()
         _runners(health)
+        _waiting_for_keys(health.waiting_for_keys)
         providers, alerts = st.columns([2, 3])
         with providers:
             st.subheader("Provider circuits")

@@ -38,6 +38,10 @@ class Provider(Protocol):
     # True when find_sent can really tell whether a key was sent (Postmark search, the outbox
     # file); False when it cannot (Resend deduplicates re-sends instead; SMTP neither).
     can_look_up: bool
+    # True when find_sent may miss a message accepted moments ago (Postmark's search indexes
+    # with a delay): its "not found" is trusted only after the settle window. Read with
+    # getattr(..., False), so a provider without it is one whose lookups are immediate.
+    lookup_lags: bool
 
     def send(self, email: Email) -> Accepted:
         """Hand the message over; raise a ProviderError subclass if it was not accepted."""

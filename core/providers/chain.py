@@ -19,6 +19,11 @@ A delivery pinned to a provider (after an ambiguous outcome) uses only that prov
 it first whether the message already went out (`find_sent`). Every failure outcome of a pinned
 run stays pinned, so a later run can never send the letter somewhere else.
 
+The settle window: a provider whose search lags (Postmark) may not yet show a message it
+accepted moments ago, so its "not found" is trusted only from `settle_until` on (the last
+ambiguous call plus CAPSULE_LOOKUP_SETTLE_SECONDS). Before that the run sends nothing and
+ends `deferred` (no attempt used up), due again when the window closes, still pinned.
+
 `send_batch` hands many letters to one provider in one call (DESIGN.md invariant 9) and
 answers one Outcome per letter:
 
@@ -41,7 +46,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core.errors import AmbiguousProviderError, ProviderError, TransientProviderError
+from core.errors import (
+    AmbiguousProviderError,
+    MessageBuildError,
+    ProviderError,
+    TransientProviderError,
+)
 from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
 from core.policy import utcnow
@@ -66,6 +76,7 @@ class _Run:
     now: datetime
     clock: Clock
     wait_budget: float
+    settle_until: datetime | None = None  # a lagging search's "not found" counts from then
     calls: list[ProviderCall] = field(default_factory=list)
     errors: list[ProviderError] = field(default_factory=list)
     called: bool = False  # some provider was actually asked or sent to
@@ -108,6 +119,23 @@ class _Run:
             calls=self.calls,
             provider=accepted.provider,
             provider_message_id=accepted.message_id,
+        )
+
+    def settling(self, provider: Provider) -> bool:
+        """True while `provider`'s search may still miss a message sent by an earlier run."""
+        lags = bool(getattr(provider, "lookup_lags", False))
+        return lags and self.settle_until is not None and self.now < self.settle_until
+
+    def wait_to_settle(self, error_class: str, *, pinned: str | None) -> Outcome:
+        """Nothing found, too early to trust it: send nothing, come back when it settles."""
+        assert self.settle_until is not None
+        return Outcome(
+            error_class=error_class,
+            calls=self.calls,
+            error=f"lookup found nothing yet; trusted from {self.settle_until.isoformat()}",
+            retry_after=max(0.0, (self.settle_until - self.now).total_seconds()),
+            pinned_provider=pinned,
+            deferred=True,
         )
 
     def failed(
@@ -166,23 +194,29 @@ class ProviderChain:
         look_first: bool = False,
         now: datetime,
         clock: Clock = utcnow,
+        settle_until: datetime | None = None,
     ) -> Outcome:
         """Send `email`; the Outcome says sent, or why not and whether the next run is pinned.
 
         `look_first`: an earlier run died mid-send (its lease expired), so any provider may
         already hold the message. Every provider that can be asked is asked before anything
         is sent anywhere; one that cannot answer pins the delivery to itself.
+        `settle_until`: before then, a lagging search's "not found" does not allow a send.
         """
-        run = _Run(email, now, clock, self._max_wait)
+        run = _Run(email, now, clock, self._max_wait, settle_until)
         if pinned is not None:
             return self._send_pinned(pinned, run)
         if look_first:
+            settling = False
             for provider in self.providers:
                 found = self._lookup(provider, run)
                 if isinstance(found, Accepted):
                     return run.sent(found)
                 if found is not None:
                     return run.failed(found.error_class, pinned=provider.name)
+                settling = settling or (provider.can_look_up and run.settling(provider))
+            if settling:
+                return run.wait_to_settle(ErrorClass.LEASE_EXPIRED, pinned=None)
             # A provider that cannot be asked may hold the message: stay with it (Resend
             # turns a re-send with the same key into the first message), never fail over.
             blind = next((p for p in self.providers if not p.can_look_up), None)
@@ -354,6 +388,8 @@ class ProviderChain:
         result: Accepted | ProviderError | None = self._gate(provider, run)
         if result is None and look:
             result = self._lookup(provider, run)
+            if result is None and provider.can_look_up and run.settling(provider):
+                return run.wait_to_settle(ErrorClass.AMBIGUOUS, pinned=name)
         if result is None:
             result = self._send_one(provider, run)
         if isinstance(result, Accepted):
@@ -474,8 +510,8 @@ class ProviderChain:
     def _count(self, name: str, error: ProviderError, run: _Run) -> None:
         """Transient and ambiguous failures count toward opening the circuit; a permanent
         answer proves the provider is up and counts as a success."""
-        if self.breaker is None:
-            return
+        if self.breaker is None or isinstance(error, MessageBuildError):
+            return  # never reached the provider: says nothing about its health
         if isinstance(error, TransientProviderError | AmbiguousProviderError):
             self.breaker.record_failure(name, now=run.now, message=str(error))
         else:

@@ -18,7 +18,12 @@ from typing import Any
 
 import httpx
 
-from core.errors import AmbiguousProviderError, ProviderError, TransientProviderError
+from core.errors import (
+    AmbiguousProviderError,
+    MessageBuildError,
+    ProviderError,
+    TransientProviderError,
+)
 
 # Raised before a single byte of the request could have reached the provider.
 NOT_SENT = (
@@ -43,6 +48,21 @@ def transport_error(provider: str, exc: httpx.TransportError) -> ProviderError:
     if isinstance(exc, NOT_SENT):
         return TransientProviderError(provider, detail, error_code=type(exc).__name__)
     return AmbiguousProviderError(provider, detail, error_code=type(exc).__name__)
+
+
+def build_request(
+    provider: str, client: httpx.Client, method: str, url: str, **options: Any
+) -> httpx.Request:
+    """The request, built before anything is sent: a letter that cannot be put into one (text
+    JSON cannot encode, a header value httpx refuses) is a MessageBuildError, never ambiguous."""
+    try:
+        return client.build_request(method, url, **options)
+    except httpx.InvalidURL as exc:  # the configured base URL, not the letter
+        raise TransientProviderError(
+            provider, f"invalid URL: {exc}", error_code="invalid_url"
+        ) from exc
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise MessageBuildError(provider, exc) from exc
 
 
 def translate(

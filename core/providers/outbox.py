@@ -7,6 +7,7 @@ half a message; a key whose file exists is already sent, so a retry writes nothi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -14,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import ProviderError, TransientProviderError
+from core.files import private_dir
 from core.providers.base import Accepted, BatchResult, Email
 from core.providers.http import short
-from core.providers.smtp import build_message, message_id_for
+from core.providers.smtp import message_bytes, message_id_for
+
+log = logging.getLogger(__name__)
 
 NAME = "outbox"
 BATCH_LIMIT = 500
@@ -30,6 +34,7 @@ class OutboxProvider:
     can_look_up = True
     batch_limit = BATCH_LIMIT
     replays_batches = False
+    lookup_lags = False
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
@@ -47,9 +52,13 @@ class OutboxProvider:
         path = self.path_for(email.idempotency_key)
         try:
             if not path.exists():
-                self.directory.mkdir(parents=True, exist_ok=True)
-                _write_atomically(path, build_message(email).as_bytes())
+                data = message_bytes(email, NAME)  # MessageBuildError: permanent, nothing written
+                private_dir(self.directory)  # letters: 0700; mkstemp makes each file 0600
+                _write_atomically(path, data)
         except OSError as exc:
+            # Nothing was written, so the letter is retried; but a directory that cannot be
+            # written is a deployment fault that retries will not cure: report it as an error.
+            log.error("outbox %s cannot be written", self.directory, exc_info=True)
             raise _translate(exc) from exc
         return self._accepted(email)
 

@@ -39,6 +39,7 @@ class PostmarkProvider:
     can_look_up = True
     batch_limit = BATCH_LIMIT
     replays_batches = False  # no idempotency: each message is looked up by its metadata
+    lookup_lags = True  # the outbound search shows a message some time after it was accepted
 
     def __init__(
         self,
@@ -57,13 +58,17 @@ class PostmarkProvider:
 
     def send(self, email: Email) -> Accepted:
         """POST the message with the idempotency key in its metadata."""
+        request = http.build_request(
+            NAME,
+            self._client,
+            "POST",
+            f"{self._base}/email",
+            json=payload(email, self._stream),
+            headers=self._headers,
+            timeout=self._timeout,
+        )
         try:
-            response = self._client.post(
-                f"{self._base}/email",
-                json=payload(email, self._stream),
-                headers=self._headers,
-                timeout=self._timeout,
-            )
+            response = self._client.send(request)
             response.raise_for_status()
             message_id = str(response.json()["MessageID"])
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:

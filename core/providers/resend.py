@@ -37,6 +37,7 @@ class ResendProvider:
     can_look_up = False
     batch_limit = BATCH_LIMIT
     replays_batches = True
+    lookup_lags = False
 
     def __init__(
         self,
@@ -58,13 +59,17 @@ class ResendProvider:
             "Authorization": f"Bearer {self._api_key}",
             "Idempotency-Key": email.idempotency_key,
         }
+        request = http.build_request(
+            NAME,
+            self._client,
+            "POST",
+            self._url,
+            json=payload(email),
+            headers=headers,
+            timeout=self._timeout,
+        )
         try:
-            response = self._client.post(
-                self._url,
-                json=payload(email),
-                headers=headers,
-                timeout=self._timeout,
-            )
+            response = self._client.send(request)
             response.raise_for_status()
             message_id = str(response.json()["id"])
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:

@@ -19,12 +19,14 @@ import smtplib
 import ssl
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
 
 from core.errors import (
     AmbiguousProviderError,
+    MessageBuildError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
@@ -62,6 +64,20 @@ def build_message(email: Email, *, date: datetime | None = None) -> EmailMessage
     return message
 
 
+# What building a message raises when the letter, not the code, is at fault: a header with a
+# line break, text that cannot be encoded.
+BUILD_ERRORS = (ValueError, TypeError, LookupError, MessageError)
+
+
+def message_bytes(email: Email, provider: str = NAME, *, date: datetime | None = None) -> bytes:
+    """The message on the wire, built before any connection: a letter that cannot be an email
+    is a MessageBuildError (permanent; nothing was sent), never an ambiguous outcome."""
+    try:
+        return build_message(email, date=date).as_bytes()
+    except BUILD_ERRORS as exc:
+        raise MessageBuildError(provider, exc) from exc
+
+
 class _Progress:
     """How far a conversation got: decides whether a hang-up may hide an accepted message."""
 
@@ -73,6 +89,7 @@ class SmtpProvider:
 
     name = NAME
     can_look_up = False
+    lookup_lags = False
     batch_limit = BATCH_LIMIT
     replays_batches = False
 
@@ -99,13 +116,13 @@ class SmtpProvider:
 
     def send(self, email: Email) -> Accepted:
         """Deliver the message to the configured server."""
-        message = build_message(email)
+        data = message_bytes(email)
         progress = _Progress()
         try:
-            code = self._deliver(email, message, progress)
+            code = self._deliver(email, data, progress)
         except (smtplib.SMTPException, OSError) as exc:
             raise _translate(exc, data_started=progress.data_started) from exc
-        return Accepted(NAME, str(message["Message-ID"]), code)
+        return Accepted(NAME, message_id_for(email.idempotency_key), code)
 
     def find_sent(self, email: Email) -> Accepted | None:
         """SMTP cannot be asked what it received."""
@@ -117,8 +134,14 @@ class SmtpProvider:
 
     def send_batch(self, emails: Sequence[Email], key: str) -> BatchResult:
         """One connection, one mail transaction per message, one answer per message."""
+        results: BatchResult = []
+        built: list[tuple[Email, bytes]] = []
+        for email in emails:
+            try:
+                built.append((email, message_bytes(email)))
+            except ProviderError as exc:
+                results.append(exc)  # permanent, before any connection; placed below
         smtp = self._factory()
-        progress = _Progress()
         try:
             smtp.connect(self._host, self._port)
             if smtp.sock is not None:
@@ -127,54 +150,53 @@ class SmtpProvider:
         except (smtplib.SMTPException, OSError) as exc:
             smtp.close()
             raise _translate(exc, data_started=False) from exc
-        results: BatchResult = []
+        answers: dict[int, Accepted | ProviderError] = {}
         broken: ProviderError | None = None
-        for email in emails:
+        progress = _Progress()
+        for email, data in built:
             if broken is not None:
-                results.append(
-                    TransientProviderError(NAME, f"not sent: the connection broke ({broken})")
+                answers[id(email)] = TransientProviderError(
+                    NAME, f"not sent: the connection broke ({broken})"
                 )
                 continue
-            message = build_message(email)
             progress.data_started = False
             try:
-                code = self._transaction(smtp, email, message, progress)
+                code = self._transaction(smtp, email, data, progress)
             except (smtplib.SMTPException, OSError) as exc:
                 error = _translate(exc, data_started=progress.data_started)
-                results.append(error)
+                answers[id(email)] = error
                 if _reply(exc)[0] is None:
                     broken = error  # no reply: the connection is gone
                 else:
                     _reset(smtp)
                 continue
-            results.append(Accepted(NAME, str(message["Message-ID"]), code))
+            answers[id(email)] = Accepted(NAME, message_id_for(email.idempotency_key), code)
         if broken is None:
             _quit(smtp)
         else:
             smtp.close()
-        return results
+        unbuilt = iter(results)
+        return [answers[id(e)] if id(e) in answers else next(unbuilt) for e in emails]
 
-    def _deliver(self, email: Email, message: EmailMessage, progress: _Progress) -> int:
+    def _deliver(self, email: Email, data: bytes, progress: _Progress) -> int:
         smtp = self._factory()
         try:
-            code = self._converse(smtp, email, message, progress)
+            code = self._converse(smtp, email, data, progress)
         except BaseException:
             smtp.close()  # no QUIT: after a timeout it would only wait for another one
             raise
         _quit(smtp)
         return code
 
-    def _converse(
-        self, smtp: smtplib.SMTP, email: Email, message: EmailMessage, progress: _Progress
-    ) -> int:
+    def _converse(self, smtp: smtplib.SMTP, email: Email, data: bytes, progress: _Progress) -> int:
         smtp.connect(self._host, self._port)
         if smtp.sock is not None:
             smtp.sock.settimeout(self._read_timeout)
         self._hello(smtp)
-        return self._transaction(smtp, email, message, progress)
+        return self._transaction(smtp, email, data, progress)
 
     def _transaction(
-        self, smtp: smtplib.SMTP, email: Email, message: EmailMessage, progress: _Progress
+        self, smtp: smtplib.SMTP, email: Email, data: bytes, progress: _Progress
     ) -> int:
         sender = parseaddr(email.sender)[1] or email.sender
         code, reply = smtp.mail(sender)
@@ -184,7 +206,7 @@ class SmtpProvider:
         if code not in (250, 251):
             raise smtplib.SMTPRecipientsRefused({email.to: (code, reply)})
         progress.data_started = True
-        code, reply = smtp.data(message.as_bytes())
+        code, reply = smtp.data(data)
         if code != 250:
             raise smtplib.SMTPDataError(code, reply)
         return code

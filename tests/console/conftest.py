@@ -3,6 +3,7 @@ Streamlit caches, fake broker seams, and AppTest runs of console/app.py as a giv
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from core.crypto import Keyring, generate_key_entry
 from core.db import make_session_factory, session_scope
 from core.demo import seed
+from core.errors import ConfigError
 from core.migrate import upgrade
 from core.operators import Operator, hash_password
 from core.policy import utcnow
@@ -82,8 +84,8 @@ def console_env(
     st.cache_data.clear()
     st.cache_resource.clear()
     yield seams
-    app = console.data.get_app()
-    app.engine.dispose()
+    with contextlib.suppress(ConfigError):  # a test of settings the console refuses
+        console.data.get_app().engine.dispose()
     st.cache_data.clear()
     st.cache_resource.clear()
 
@@ -114,3 +116,12 @@ def console(console_env: Seams, password_hash: str) -> Runner:
         return at
 
     return run
+
+
+def markdown_values(at: AppTest) -> list[str]:
+    """Every string on the page (main area and sidebar) that Streamlit renders as Markdown."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    for kind in (at.success, at.info, at.warning, at.error, at.toast):
+        parts += [e.value for e in kind]
+    parts += [m.help for m in at.metric if m.help]
+    return [str(p) for p in parts]

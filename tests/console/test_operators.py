@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import tomllib
 from pathlib import Path
@@ -14,6 +16,7 @@ from core.operators import (
     Role,
     authenticate,
     hash_password,
+    needs_rehash,
     operator_for_email,
     parse_role,
     require,
@@ -25,10 +28,22 @@ from tasks import cli
 PASSWORD = "correct horse battery"
 
 
-def test_hashes_are_salted_and_verify_in_constant_time() -> None:
+def legacy_scrypt_hash(password: str, n: int = 2**14) -> str:
+    """What `capsule operator add` wrote before Argon2id."""
+    salt = b"0123456789abcdef"
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1, dklen=32)
+    return f"scrypt${n}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def test_hashes_are_argon2id_salted_and_old_scrypt_ones_still_verify() -> None:
     first, second = hash_password(PASSWORD), hash_password(PASSWORD)
     assert first != second  # a fresh salt each time
-    assert first.startswith("scrypt$16384$8$1$") and PASSWORD not in first
+    assert first.startswith("$argon2id$v=19$m=65536,t=3,p=4$") and PASSWORD not in first
+    assert not needs_rehash(first)
+    legacy = legacy_scrypt_hash(PASSWORD)
+    assert verify_password(PASSWORD, legacy) and needs_rehash(legacy)
+    assert not verify_password(PASSWORD + "!", legacy)
+    assert not verify_password(PASSWORD, "$argon2id$garbage")
     assert verify_password(PASSWORD, first) and verify_password(PASSWORD, second)
     assert not verify_password(PASSWORD + "!", first)
     assert not verify_password(PASSWORD, "scrypt$garbage")
@@ -72,11 +87,18 @@ def test_authenticate_local_accounts() -> None:
 
 def test_oidc_roles_table() -> None:
     roles = {"Olga@Example.com": "ops", "eve@example.com": "root"}
-    assert operator_for_email(roles, "olga@example.COM", "Olga") == Operator(
+    assert operator_for_email(roles, "olga@example.COM", "Olga", email_verified=True) == Operator(
         "olga@example.com", Role.OPS, "Olga", source="oidc"
     )
-    assert operator_for_email(roles, "eve@example.com") is None
-    assert operator_for_email(roles, None) is None
+    assert operator_for_email(roles, "eve@example.com", email_verified=True) is None
+    assert operator_for_email(roles, None, email_verified=True) is None
+
+
+def test_oidc_roles_need_a_verified_email() -> None:
+    # An unverified address is only what the user typed at the identity provider
+    roles = {"olga@example.com": "ops"}
+    assert operator_for_email(roles, "olga@example.com", "Olga") is None
+    assert operator_for_email(roles, "olga@example.com", email_verified=False) is None
     with pytest.raises(ValidationError):
         parse_role("root")
 

@@ -22,7 +22,8 @@ from core.operators import Operator, Role
 from core.policy import utcnow
 from core.queries import FailedFilter
 from tests.conftest import RecordingEnqueuer
-from tests.console.conftest import Runner, Seams
+from tests.console.conftest import Runner, Seams, markdown_values
+from tests.console.markdown import plain
 
 VIEWER = Operator("vera", Role.VIEWER, "Vera")
 SUPPORT = Operator("sam", Role.SUPPORT, "Sam")
@@ -57,10 +58,8 @@ def audit_for(engine: Engine, delivery_id: str) -> list[tuple[str, str, str | No
 
 
 def texts(at: AppTest) -> str:
-    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
-    for kind in (at.success, at.info, at.warning, at.error):
-        parts += [e.value for e in kind]
-    return "\n".join(str(p) for p in parts)
+    """The Markdown-rendered text on the page, as the operator reads it."""
+    return "\n".join(plain(str(p)) for p in markdown_values(at))
 
 
 def select_rows(at: AppTest, *rows: int, table: int = 0) -> AppTest:

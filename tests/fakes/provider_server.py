@@ -4,12 +4,28 @@
     Postmark  POST /email                  X-Postmark-Server-Token
               GET  /messages/outbound      count, offset, recipient, tag, metadata_<name>
     Admin     GET  /_admin/messages        stored messages and counts per idempotency key
+              GET  /_admin/keys            requests, replays and lookups per idempotency key
               GET  /_admin/stats           requests and responses per provider
+              GET  /_admin/clock           the fake's clock; POST {"advance": s} | {"now": iso}
+              POST /_admin/config          {"search_lag_seconds": s}
               POST /_admin/faults          {"provider": "resend"|"postmark"|"all", "queue": [...],
                                             "p_5xx", "p_429", "p_stall", "seed", "latency_ms",
                                             "stall_seconds", "append": false}
-              POST /_admin/reset           forget messages, keys, faults and stats
+              POST /_admin/reset           forget messages, keys, faults, stats, clock offset
               GET  /_admin/health
+
+What it holds like the real services:
+    Resend    an idempotency key is remembered for 24 h of the fake's clock (then a send with it
+              is a new message); a key over 256 characters is refused (400
+              invalid_idempotency_key); a second request with a key still in flight (stalled
+              too) gets 409 concurrent_idempotent_requests.
+    Postmark  `count` and `offset` are required on the search; a message is found by it only
+              `search_lag_seconds` (fake clock) after it was stored (default 0); Metadata holds
+              at most 10 fields, names up to 20 characters, values up to 80 (else 422).
+Counting: every send request is counted per idempotency key (Resend's header, Postmark's
+Metadata "idempotency_key"), whatever its answer; replays (Resend answering a known key with
+the first message) and lookups (Postmark searches by that metadata) are counted apart. Tests
+of "sent once" count these requests, not stored messages.
 
 Faults apply to the send endpoints only. A queued fault is used by the next send; when the
 queue is empty, the random rates (p_5xx, p_429, p_stall; seeded) decide. Fault specs:
@@ -17,7 +33,9 @@ queue is empty, the random rates (p_5xx, p_429, p_stall; seeded) decide. Fault s
     "503" / "500" / "422" / "401" ...   answer that status (nothing stored)
     "429" or "429:5"                    429 with Retry-After (default 1 s)
     "stall" or "stall:2.5"              accept and store, then answer only after the stall
-                                        (longer than the client's read timeout → ambiguous)
+                                        (longer than the client's read timeout → ambiguous);
+                                        a Resend key stays in flight until the stall ends
+    "stored:503" / "stored:500"         accept and store, then answer that status
     "drop"                              accept and store, then close without answering
     "drop_before"                       close without answering, nothing stored
     {"status": 503, "retry_after": 2, "name": "...", "error_code": 406, "message": "..."}
@@ -41,7 +59,7 @@ import threading
 import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -53,6 +71,12 @@ DEFAULT_RESEND_KEY = "re_test_key"
 DEFAULT_POSTMARK_TOKEN = "pm-test-token"
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 _NAMED_ADDRESS = re.compile(r"^[^<>]*<([^<>]+)>$")
+RESEND_KEY_TTL = timedelta(hours=24)
+RESEND_KEY_MAX_CHARS = 256
+POSTMARK_METADATA_MAX_FIELDS = 10
+POSTMARK_METADATA_NAME_MAX = 20
+POSTMARK_METADATA_VALUE_MAX = 80
+POSTMARK_KEY_FIELD = "idempotency_key"
 
 
 # ---------------------------------------------------------------- data
@@ -73,13 +97,14 @@ class StoredMessage:
     tag: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     received_at: str = ""
+    stored_at: datetime | None = None  # on the fake's clock: when the search may see it
 
 
 @dataclass
 class Fault:
     """What to do with the next send instead of answering normally."""
 
-    action: str  # status | stall | drop | drop_before
+    action: str  # status | stall | drop | drop_before | stored_status
     status: int | None = None
     retry_after: float | None = None
     seconds: float | None = None
@@ -103,6 +128,8 @@ def parse_fault(spec: str | int | dict[str, Any] | Fault) -> Fault:
         return Fault("status", status=status, retry_after=retry)
     if head in {"stall", "drop", "drop_before"}:
         return Fault(head, seconds=float(arg) if arg else None)
+    if head == "stored" and arg.isdigit():
+        return Fault("stored_status", status=int(arg))
     raise ValueError(f"unknown fault {spec!r}")
 
 
@@ -134,6 +161,7 @@ class _Faults:
 @dataclass
 class _KeyRecord:
     fingerprint: str
+    created_at: datetime
     done: bool = False
     message_id: str | None = None
 
@@ -158,13 +186,23 @@ class _Drop(Exception):
 class FakeProviderState:
     """Messages, idempotency keys, faults and counters, shared by all handler threads."""
 
-    def __init__(self, *, resend_api_key: str, postmark_token: str, latency_ms: float) -> None:
+    def __init__(
+        self,
+        *,
+        resend_api_key: str,
+        postmark_token: str,
+        latency_ms: float,
+        search_lag_seconds: float = 0.0,
+    ) -> None:
         self.resend_api_key = resend_api_key
         self.postmark_token = postmark_token
         self.inactive_recipients: set[str] = set()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._default_latency = latency_ms
+        self.search_lag_seconds = search_lag_seconds  # server configuration: reset keeps it
+        self._busy = 0  # send requests being handled (a stall keeps one busy)
+        self._idle = threading.Condition(self._lock)
         self._reset()
 
     def _reset(self) -> None:
@@ -174,10 +212,52 @@ class FakeProviderState:
         self._requests: Counter[str] = Counter()
         self._responses: Counter[str] = Counter()
         self._replays: Counter[str] = Counter()
+        self._key_requests: Counter[tuple[str, str]] = Counter()
+        self._key_replays: Counter[tuple[str, str]] = Counter()
+        self._key_lookups: Counter[tuple[str, str]] = Counter()
+        self._clock_offset = timedelta(0)
 
     def reset(self) -> None:
         with self._lock:
             self._reset()
+
+    # requests in progress
+
+    def enter(self) -> None:
+        with self._lock:
+            self._busy += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        """Until no send is being handled (a stall has ended); TimeoutError after `timeout`."""
+        with self._lock:
+            if not self._idle.wait_for(lambda: not self._busy, timeout):
+                raise TimeoutError(f"the fake still handles {self._busy} send(s)")
+
+    # the fake's clock: real time plus an offset tests move forward
+
+    def now(self) -> datetime:
+        with self._lock:
+            return datetime.now(UTC) + self._clock_offset
+
+    def advance(self, seconds: float) -> datetime:
+        """Move the fake's clock forward (key expiry, search lag) without waiting."""
+        with self._lock:
+            self._clock_offset += timedelta(seconds=seconds)
+            return datetime.now(UTC) + self._clock_offset
+
+    def set_now(self, when: datetime) -> datetime:
+        """Set the fake's clock to `when` (timezone-aware); it runs on from there."""
+        if when.tzinfo is None:
+            raise ValueError("the fake's clock takes a timezone-aware time")
+        with self._lock:
+            self._clock_offset = when - datetime.now(UTC)
+            return when
 
     # faults
 
@@ -230,11 +310,15 @@ class FakeProviderState:
     def begin_key(self, key: str, fingerprint: str) -> str | None:
         """None to go ahead (the key is now in flight), else the id of the earlier message.
 
-        Raises _Reply(409) for a key in flight or a key reused with another body."""
+        Raises _Reply(409) for a key in flight or a key reused with another body. A key older
+        than 24 h (fake clock) is forgotten, as Resend forgets it."""
         with self._lock:
+            now = datetime.now(UTC) + self._clock_offset
             record = self._keys.get(key)
+            if record is not None and now - record.created_at >= RESEND_KEY_TTL:
+                record = None
             if record is None:
-                self._keys[key] = _KeyRecord(fingerprint)
+                self._keys[key] = _KeyRecord(fingerprint, created_at=now)
                 return None
             if record.fingerprint != fingerprint:
                 raise _Reply(
@@ -255,6 +339,7 @@ class FakeProviderState:
                     ),
                 )
             self._replays["resend"] += 1
+            self._key_replays[("resend", key)] += 1
             return record.message_id
 
     def finish_key(self, key: str, message_id: str | None) -> None:
@@ -283,9 +368,39 @@ class FakeProviderState:
                 counts[message.idempotency_key] += 1
         return dict(counts)
 
-    def count_request(self, provider: str) -> None:
+    def count_request(self, provider: str, key: str | None = None) -> None:
         with self._lock:
             self._requests[provider] += 1
+            if key:
+                self._key_requests[(provider, key)] += 1
+
+    def count_lookup(self, provider: str, key: str | None) -> None:
+        if key:
+            with self._lock:
+                self._key_lookups[(provider, key)] += 1
+
+    def key_counts(self, provider: str | None = None) -> dict[str, dict[str, int]]:
+        """Per idempotency key: send requests (any answer), replays, lookups."""
+
+        def by_key(counter: Counter[tuple[str, str]]) -> dict[str, int]:
+            counts: Counter[str] = Counter()
+            for (name, key), count in counter.items():
+                if provider in (None, name):
+                    counts[key] += count
+            return dict(counts)
+
+        with self._lock:
+            return {
+                "requests": by_key(self._key_requests),
+                "replays": by_key(self._key_replays),
+                "lookups": by_key(self._key_lookups),
+            }
+
+    def searchable(self, message: StoredMessage, now: datetime) -> bool:
+        """The outbound search sees a message only `search_lag_seconds` after it was stored."""
+        if message.stored_at is None or not self.search_lag_seconds:
+            return True
+        return now >= message.stored_at + timedelta(seconds=self.search_lag_seconds)
 
     def count_response(self, provider: str, status: int | str) -> None:
         with self._lock:
@@ -357,13 +472,20 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "/email"): self._postmark_send,
             ("GET", "/messages/outbound"): self._postmark_search,
             ("GET", "/_admin/messages"): self._admin_messages,
+            ("GET", "/_admin/keys"): self._admin_keys,
             ("GET", "/_admin/stats"): lambda: _ok(self.state.stats()),
+            ("GET", "/_admin/clock"): lambda: _ok({"now": self.state.now().isoformat()}),
+            ("POST", "/_admin/clock"): self._admin_clock,
+            ("POST", "/_admin/config"): self._admin_config,
             ("GET", "/_admin/health"): lambda: _ok({"ok": True}),
             ("POST", "/_admin/faults"): self._admin_faults,
             ("POST", "/_admin/reset"): self._admin_reset,
         }
         route = routes.get((method, path))
         body = self._read_body()
+        sending = (method, path) in {("POST", "/emails"), ("POST", "/email")}
+        if sending:
+            self.state.enter()
         try:
             if route is None:
                 raise _Reply(404, {"message": f"no route {method} {path}"})
@@ -373,6 +495,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(reply.status, reply.body, reply.headers)
         except _Drop:
             self.close_connection = True
+        finally:
+            if sending:
+                self.state.leave()
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -422,21 +547,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.count_response(provider, fault.status)
         raise _Reply(fault.status, _fault_body(provider, fault), headers)
 
-    def _after_store(self, provider: str, fault: Fault | None, stall_seconds: float) -> None:
-        """A stall or a drop once the message is stored: the answer is late or never comes."""
-        if fault is None:
-            return
-        if fault.action == "stall":
+    def _stall(self, provider: str, fault: Fault | None, stall_seconds: float) -> None:
+        """A stall once the message is stored: the answer comes late (the request, and a
+        Resend key with it, is still in flight meanwhile)."""
+        if fault is not None and fault.action == "stall":
             self.state.count_response(provider, "stall")
             self._pause(fault.seconds if fault.seconds is not None else stall_seconds)
-        elif fault.action == "drop":
+
+    def _after_store(self, provider: str, fault: Fault | None) -> None:
+        """A drop or an error status once the message is stored: no answer, or a wrong one."""
+        if fault is None:
+            return
+        if fault.action == "drop":
             self.state.count_response(provider, "drop")
             raise _Drop
+        if fault.action == "stored_status":
+            assert fault.status is not None
+            self.state.count_response(provider, f"stored_{fault.status}")
+            raise _Reply(fault.status, _fault_body(provider, fault))
 
     # Resend
 
     def _resend_send(self) -> None:
-        self.state.count_request("resend")
+        key = self.headers.get("Idempotency-Key")
+        self.state.count_request("resend", key)
         auth = self.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
             raise _Reply(
@@ -451,7 +585,15 @@ class _Handler(BaseHTTPRequestHandler):
         fault, latency, stall = self.state.next_fault("resend")
         self._apply_fault("resend", fault, latency)
         to = _resend_validate(body)
-        key = self.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= RESEND_KEY_MAX_CHARS:
+            raise _Reply(
+                400,
+                _resend_error(
+                    400,
+                    "invalid_idempotency_key",
+                    f"The key must be between 1-{RESEND_KEY_MAX_CHARS} chars.",
+                ),
+            )
         if key:
             earlier = self.state.begin_key(key, _fingerprint(body))
             if earlier is not None:
@@ -472,15 +614,17 @@ class _Handler(BaseHTTPRequestHandler):
                     text=str(body.get("text", "")),
                     tags={str(t.get("name")): str(t.get("value")) for t in body.get("tags") or []},
                     received_at=_now_iso(),
+                    stored_at=self.state.now(),
                 )
             )
+            self._stall("resend", fault, stall)  # the key stays in flight through a stall
         except BaseException:
             if key:
                 self.state.finish_key(key, None)
             raise
         if key:
             self.state.finish_key(key, message_id)
-        self._after_store("resend", fault, stall)
+        self._after_store("resend", fault)
         self.state.count_response("resend", 200)
         raise _Reply(200, {"id": message_id})
 
@@ -491,7 +635,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(401, {"ErrorCode": 10, "Message": "Bad or missing Server API token."})
 
     def _postmark_send(self) -> None:
-        self.state.count_request("postmark")
+        self.state.count_request("postmark", _postmark_key(self._body))
         self._postmark_auth()
         body = self._json()
         fault, latency, stall = self.state.next_fault("postmark")
@@ -512,9 +656,11 @@ class _Handler(BaseHTTPRequestHandler):
                 metadata=metadata,
                 tag=body.get("Tag"),
                 received_at=_now_iso(),
+                stored_at=self.state.now(),
             )
         )
-        self._after_store("postmark", fault, stall)
+        self._stall("postmark", fault, stall)
+        self._after_store("postmark", fault)
         self.state.count_response("postmark", 200)
         raise _Reply(
             200,
@@ -530,16 +676,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _postmark_search(self) -> None:
         self._postmark_auth()
         query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        self.state.count_lookup("postmark", query.get(f"metadata_{POSTMARK_KEY_FIELD}"))
         try:
-            count, offset = int(query["count"]), int(query.get("offset", "0"))
+            count, offset = int(query["count"]), int(query["offset"])
         except (KeyError, ValueError):
             raise _Reply(
                 422, {"ErrorCode": 1, "Message": "count and offset are required"}
             ) from None
         if not 0 < count <= 500:
             raise _Reply(422, {"ErrorCode": 1, "Message": "count must be 1..500"})
+        if offset < 0:
+            raise _Reply(422, {"ErrorCode": 1, "Message": "offset must not be negative"})
         self._pause(self.state.latency("postmark"))
-        found = [m for m in reversed(self.state.messages("postmark")) if _matches(m, query)]
+        now = self.state.now()
+        found = [
+            m
+            for m in reversed(self.state.messages("postmark"))
+            if self.state.searchable(m, now) and _matches(m, query)
+        ]
         raise _Reply(
             200,
             {
@@ -557,10 +711,37 @@ class _Handler(BaseHTTPRequestHandler):
         _ok(
             {
                 "total": len(messages),
-                "messages": [asdict(m) for m in messages],
+                "messages": [_as_json(m) for m in messages],
                 "counts_by_key": self.state.counts_by_key(provider),
+                "requests_by_key": self.state.key_counts(provider)["requests"],
             }
         )
+
+    def _admin_keys(self) -> None:
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        _ok(self.state.key_counts(query.get("provider")))
+
+    def _admin_clock(self) -> None:
+        body = self._json()
+        try:
+            if "now" in body:
+                now = self.state.set_now(datetime.fromisoformat(str(body["now"])))
+            else:
+                now = self.state.advance(float(body.get("advance", 0)))
+        except (TypeError, ValueError) as exc:
+            raise _Reply(400, {"message": str(exc)}) from None
+        _ok({"now": now.isoformat()})
+
+    def _admin_config(self) -> None:
+        body = self._json()
+        try:
+            lag = float(body["search_lag_seconds"])
+        except (KeyError, TypeError, ValueError):
+            raise _Reply(400, {"message": "search_lag_seconds (a number) is required"}) from None
+        if lag < 0:
+            raise _Reply(400, {"message": "search_lag_seconds must not be negative"})
+        self.state.search_lag_seconds = lag
+        _ok({"search_lag_seconds": lag})
 
     def _admin_faults(self) -> None:
         body = self._json()
@@ -619,6 +800,32 @@ def _postmark_validate(body: dict[str, Any], inactive: set[str]) -> list[str]:
     to = [a.strip() for a in str(body.get("To") or "").split(",") if a.strip()]
     if not to or not all(_valid_address(a) for a in to):
         raise _Reply(422, {"ErrorCode": 300, "Message": "Invalid 'To' address."})
+    metadata = body.get("Metadata") or {}
+    if not isinstance(metadata, dict) or len(metadata) > POSTMARK_METADATA_MAX_FIELDS:
+        raise _Reply(
+            422,
+            {
+                "ErrorCode": 300,
+                "Message": f"Metadata holds at most {POSTMARK_METADATA_MAX_FIELDS} fields.",
+            },
+        )
+    for name, value in metadata.items():
+        if not 0 < len(str(name)) <= POSTMARK_METADATA_NAME_MAX:
+            raise _Reply(
+                422,
+                {
+                    "ErrorCode": 300,
+                    "Message": f"Metadata field names are 1-{POSTMARK_METADATA_NAME_MAX} chars.",
+                },
+            )
+        if len(str(value)) > POSTMARK_METADATA_VALUE_MAX:
+            raise _Reply(
+                422,
+                {
+                    "ErrorCode": 300,
+                    "Message": f"Metadata values are at most {POSTMARK_METADATA_VALUE_MAX} chars.",
+                },
+            )
     if any(_address(a).lower() in inactive for a in to):
         raise _Reply(
             422,
@@ -628,6 +835,21 @@ def _postmark_validate(body: dict[str, Any], inactive: set[str]) -> list[str]:
             },
         )
     return to
+
+
+def _as_json(message: StoredMessage) -> dict[str, Any]:
+    stored_at = message.stored_at.isoformat() if message.stored_at else None
+    return {**asdict(message), "stored_at": stored_at}
+
+
+def _postmark_key(raw: bytes) -> str | None:
+    """The idempotency key in a Postmark body's Metadata, if the body is readable."""
+    try:
+        body = json.loads(raw or b"{}")
+        key = body["Metadata"][POSTMARK_KEY_FIELD]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return str(key) if key else None
 
 
 def _matches(message: StoredMessage, query: dict[str, str]) -> bool:
@@ -699,11 +921,15 @@ class FakeProviderServer:
         resend_api_key: str = DEFAULT_RESEND_KEY,
         postmark_token: str = DEFAULT_POSTMARK_TOKEN,
         latency_ms: float = 0.0,
+        search_lag_seconds: float = 0.0,
     ) -> None:
         self.host = host
         self._requested_port = port
         self.state = FakeProviderState(
-            resend_api_key=resend_api_key, postmark_token=postmark_token, latency_ms=latency_ms
+            resend_api_key=resend_api_key,
+            postmark_token=postmark_token,
+            latency_ms=latency_ms,
+            search_lag_seconds=search_lag_seconds,
         )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -768,7 +994,43 @@ class FakeProviderServer:
         return self.state.messages(provider)
 
     def count_for_key(self, key: str, provider: str | None = None) -> int:
+        """Stored messages carrying `key` (a Resend replay stores nothing: see requests_for_key)."""
         return self.state.counts_by_key(provider).get(key, 0)
+
+    def requests_for_key(self, key: str, provider: str | None = None) -> int:
+        """Send requests that reached the fake with `key`, whatever it answered."""
+        return self.state.key_counts(provider)["requests"].get(key, 0)
+
+    def replays_for_key(self, key: str, provider: str | None = None) -> int:
+        """Resend sends with `key` answered with the first message (nothing new stored)."""
+        return self.state.key_counts(provider)["replays"].get(key, 0)
+
+    def lookups_for_key(self, key: str, provider: str | None = None) -> int:
+        """Postmark outbound searches by `key`."""
+        return self.state.key_counts(provider)["lookups"].get(key, 0)
+
+    def key_counts(self, provider: str | None = None) -> dict[str, dict[str, int]]:
+        return self.state.key_counts(provider)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until no send is being handled: a stalled request has finished on the server side
+        (a Resend key it holds is no longer in flight). `timeout` is a ceiling."""
+        self.state.wait_idle(timeout)
+
+    def advance(self, seconds: float) -> datetime:
+        """Move the fake's clock forward (Resend key expiry, Postmark search lag)."""
+        return self.state.advance(seconds)
+
+    def set_now(self, when: datetime) -> datetime:
+        return self.state.set_now(when)
+
+    @property
+    def search_lag_seconds(self) -> float:
+        return self.state.search_lag_seconds
+
+    @search_lag_seconds.setter
+    def search_lag_seconds(self, seconds: float) -> None:
+        self.state.search_lag_seconds = seconds
 
     def mark_inactive(self, address: str) -> None:
         """Postmark will answer 422 / ErrorCode 406 for this recipient."""
@@ -806,6 +1068,19 @@ class AdminClient:
         response.raise_for_status()
         return dict(response.json())
 
+    def key_counts(self, provider: str | None = None) -> dict[str, dict[str, int]]:
+        """{"requests": {key: n}, "replays": {...}, "lookups": {...}}."""
+        params = {"provider": provider} if provider else {}
+        response = self._client.get("/_admin/keys", params=params)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def advance(self, seconds: float) -> None:
+        self._post("/_admin/clock", {"advance": seconds})
+
+    def set_search_lag(self, seconds: float) -> None:
+        self._post("/_admin/config", {"search_lag_seconds": seconds})
+
     def reset(self) -> None:
         self._post("/_admin/reset", {})
 
@@ -824,6 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--search-lag-seconds", type=float, default=0.0)
     parser.add_argument("--p-5xx", type=float, default=0.0)
     parser.add_argument("--p-429", type=float, default=0.0)
     parser.add_argument("--p-stall", type=float, default=0.0)
@@ -839,6 +1115,7 @@ def main(argv: list[str] | None = None) -> None:
         resend_api_key=args.resend_key,
         postmark_token=args.postmark_token,
         latency_ms=args.latency_ms,
+        search_lag_seconds=args.search_lag_seconds,
     ).start()
     server.set_faults(
         "all",

@@ -98,7 +98,7 @@ def test_schedule_then_status_prints_json_without_the_letter(cli: Cli) -> None:
         ({"at": "2001-01-01T00:00:00Z"}, "is not in the future"),
         ({"at": "+30000d"}, "years ahead"),
         ({"at": "someday"}, "cannot read 'someday'"),
-        ({"user": "nobody@example.com"}, "user nobody@example.com not found"),
+        ({"user": "nobody@example.com"}, "user 'nobody@example.com' not found"),
     ],
 )
 def test_bad_input_exits_2_with_one_readable_line_and_writes_nothing(
@@ -132,7 +132,7 @@ def test_unknown_delivery_and_invalid_transition(cli: Cli) -> None:
     missing = cli("status", str(uuid.uuid4()))
     assert missing.returncode == 2 and "not found" in missing.stderr
     garbage = cli("cancel", "not-a-uuid", "--reason", "x")
-    assert garbage.returncode == 2 and "delivery not-a-uuid not found" in garbage.stderr
+    assert garbage.returncode == 2 and "delivery 'not-a-uuid' not found" in garbage.stderr
 
     delivery_id = cli.schedule().stdout.strip()
     cli.ok("cancel", delivery_id, "--reason", "changed my mind")
@@ -140,7 +140,7 @@ def test_unknown_delivery_and_invalid_transition(cli: Cli) -> None:
     again = cli("requeue", delivery_id, "--reason", "x")
     assert (
         again.returncode == 2
-        and f"cannot requeue delivery {delivery_id}: it is canceled" in again.stderr
+        and f"cannot requeue delivery '{delivery_id}': it is canceled" in again.stderr
     )
     assert cli.counts() == before
 

@@ -93,12 +93,21 @@ def test_resend_accept_then_stall_is_ambiguous_and_the_retry_does_not_duplicate(
         resend.send(mail)
     stored = provider_server.messages("resend")
 
-    # When the run is retried with the same key
+    # When the run is retried with the same key while Resend still holds the first request,
+    # it is refused as concurrent: still unknown, never a second message
+    with pytest.raises(AmbiguousProviderError) as during:
+        resend.send(mail)
+    assert during.value.error_code == "concurrent_idempotent_requests"
+
+    # When it is retried once the first request is over
+    provider_server.wait_idle()
     again = resend.send(mail)
 
     # Then there is still one message, and we learn its id
     assert [m.id for m in stored] == [again.message_id]
     assert provider_server.count_for_key(mail.idempotency_key) == 1
+    assert provider_server.requests_for_key(mail.idempotency_key) == 3
+    assert provider_server.replays_for_key(mail.idempotency_key) == 1
 
 
 def test_resend_concurrent_requests_with_one_key_send_once(provider_client: httpx.Client) -> None:
@@ -235,12 +244,15 @@ def test_chain_does_not_fail_over_on_a_stall_and_the_pinned_retry_sends_once(
     mail = make_email()
 
     first = chain.send(mail, pinned=None, now=T0)
+    provider_server.wait_idle()  # the stalled request is over on Resend's side
     retry = chain.send(mail, pinned=first.pinned_provider, now=T0)
     chain.close()
 
     assert (first.error_class, first.pinned_provider) == ("ambiguous", "resend")
     assert retry.sent and retry.provider == "resend"
-    assert provider_server.messages("postmark") == []
+    assert provider_server.requests_for_key(mail.idempotency_key, "postmark") == 0
+    assert provider_server.requests_for_key(mail.idempotency_key, "resend") == 2
+    assert provider_server.replays_for_key(mail.idempotency_key) == 1
     assert provider_server.count_for_key(mail.idempotency_key) == 1
 
 

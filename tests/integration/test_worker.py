@@ -154,9 +154,7 @@ def test_accepted_then_timed_out_retries_the_same_provider_with_the_same_key(
     assert stored.error_class == "ambiguous" and stored.pinned_provider == "resend"
 
     # When it runs again after the stall ends (clock moved to the retry time)
-    import time
-
-    time.sleep(1.2)  # the fake server's own stall must finish; not a clock substitute
+    provider_server.wait_idle()  # the fake server's own stall must finish first
     later = stored.next_attempt_at + timedelta(seconds=1)
     assert run_delivery(world, delivery_id, "t2", clock=lambda: later) == Status.SENT
 

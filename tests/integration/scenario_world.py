@@ -1,0 +1,230 @@
+"""One deployment under test for the scenario tests: PostgreSQL, a Redis (the shared test server
+or one a test starts and stops), the fake provider server, real consumers, and an App in the
+test process that reaches the database under its own application_name, so that the consumers'
+backends can be told apart from the test's own in pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, func, select, text
+
+from core.bootstrap import App, build_app
+from core.config import Settings
+from core.crypto import Keyring
+from core.db import make_engine, session_scope
+from core.deliveries import create_user, schedule_delivery
+from core.models import Delivery
+from core.policy import utcnow
+from huey_app import make_huey
+from tasks.runtime import HueyEnqueuer
+from tests.conftest import KEY_ENTRY, PG_ADMIN_URL, truncate_all
+from tests.fakes.provider_server import FakeProviderServer
+from tests.fakes.smtp_server import free_port
+from tests.harness import Consumer, System, wait_for
+
+TEST_APPLICATION = "capsule-scenario-test"
+CONSUMER_APPLICATION = "capsule"  # what core.db.make_engine names every product connection
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def provider_env(server: FakeProviderServer, **extra: str) -> dict[str, str]:
+    return {
+        "CAPSULE_PROVIDERS": "resend,postmark",
+        "CAPSULE_RESEND_API_KEY": server.resend_api_key,
+        "CAPSULE_RESEND_BASE_URL": server.url,
+        "CAPSULE_POSTMARK_SERVER_TOKEN": server.postmark_token,
+        "CAPSULE_POSTMARK_BASE_URL": server.url,
+        "CAPSULE_PROVIDER_RATE_PER_SECOND": "1000",
+        "CAPSULE_CIRCUIT_FAILURE_THRESHOLD": "1000",
+        **extra,
+    }
+
+
+@dataclass
+class World:
+    system: System
+    app: App
+    server: FakeProviderServer
+    database: str  # the PostgreSQL database name
+    consumers: list[Consumer] = field(default_factory=list)
+    user_id: int = 0
+
+    @classmethod
+    def open(
+        cls,
+        pg_url: str,
+        redis_url: str,
+        huey_name: str,
+        server: FakeProviderServer,
+        var_dir: Path,
+        keyring: Keyring,
+        **env: str,
+    ) -> World:
+        engine = create_engine(pg_url)
+        truncate_all(engine)
+        engine.dispose()
+        system = System(
+            var_dir=var_dir,
+            database_url=pg_url,
+            key_entry=KEY_ENTRY,
+            redis_url=redis_url,
+            huey_name=huey_name,
+            settings=provider_env(server, **env),
+        )
+        world = cls(system, _app(system, keyring), server, pg_url.rsplit("/", 1)[1])
+        with session_scope(world.app.session_factory) as session:
+            owner = create_user(session, "owner@example.com", "Owner", utcnow(), 100_000)
+            world.user_id = owner.id
+            session.commit()
+        return world
+
+    def close(self) -> None:
+        for consumer in self.consumers:
+            consumer.kill()
+        self.app.engine.dispose()
+
+    @property
+    def queue(self) -> Any:
+        return self.app.enqueuer.queue  # type: ignore[attr-defined]
+
+    def consumer(self, **kwargs: Any) -> Consumer:
+        consumer = Consumer(self.system, **kwargs).start()
+        self.consumers.append(consumer)
+        return consumer
+
+    def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
+        return schedule_delivery(
+            self.app.session_factory,
+            self.app.enqueuer,
+            self.app.keyring,
+            self.app.settings,
+            user_id=self.user_id,
+            recipient="future@example.com",
+            subject="To me",
+            body=f"Dear future me {uuid.uuid4()}",
+            deliver_at=at,
+            now=now or utcnow(),
+            actor="owner@example.com",
+        ).delivery_id
+
+    def row(self, delivery_id: uuid.UUID) -> Delivery:
+        with session_scope(self.app.session_factory) as session:
+            found = session.get(Delivery, delivery_id)
+            assert found is not None
+            return found
+
+    def rows(self) -> list[Delivery]:
+        with session_scope(self.app.session_factory) as session:
+            return list(session.scalars(select(Delivery)))
+
+    def count(self, status: str) -> int:
+        with session_scope(self.app.session_factory) as session:
+            query = select(func.count()).select_from(Delivery).where(Delivery.status == status)
+            return int(session.scalar(query) or 0)
+
+    def requests(self, provider: str | None = None) -> int:
+        """Send requests that reached the fake provider (all keys, replays included)."""
+        counts = self.server.stats()["requests"]
+        return int(counts.get(provider, 0) if provider else sum(counts.values()))
+
+    def sent_once(self, delivery_id: uuid.UUID) -> bool:
+        return self.server.count_for_key(self.row(delivery_id).idempotency_key) == 1
+
+
+def _app(system: System, keyring: Keyring) -> App:
+    settings = Settings.from_env(system.env)
+    engine = make_engine(
+        settings, connect_args={"application_name": TEST_APPLICATION, "connect_timeout": 5}
+    )
+    return build_app(settings, HueyEnqueuer(make_huey(settings)), engine=engine, keyring=keyring)
+
+
+# ---------------------------------------------------------------- PostgreSQL, from outside
+
+
+class Postgres:
+    """An admin connection that watches and cuts the consumers' backends of one database."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.admin: Engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def close(self) -> None:
+        self.admin.dispose()
+
+    def consumer_backends(self, *, waiting_on_lock: bool = False) -> list[int]:
+        query = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = :db AND application_name = :app"
+            + (" AND wait_event_type = 'Lock'" if waiting_on_lock else "")
+        )
+        with self.admin.connect() as conn:
+            rows = conn.execute(text(query), {"db": self.database, "app": CONSUMER_APPLICATION})
+            return [int(pid) for (pid,) in rows]
+
+    def terminate(self, pids: list[int]) -> int:
+        with self.admin.connect() as conn:
+            done = conn.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest(:p) pid"
+                ),
+                {"p": pids},
+            )
+            return int(done.scalar_one())
+
+
+# ---------------------------------------------------------------- a Redis of our own
+
+
+class RedisServer:
+    """A redis-server on a free port with no persistence, in its own directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                *("--logfile", str(self.directory / "redis.log")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_for(answers, timeout=20, interval=0.05, what="redis-server to answer")
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None

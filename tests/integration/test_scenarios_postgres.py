@@ -1,0 +1,182 @@
+"""PostgreSQL drops a running consumer's connections (`pg_terminate_backend`): before the claim,
+between the provider's acceptance and the record, and while the record waits on a lock. Each
+ends with the letter sent exactly once (requests and messages counted at the fake provider)
+and the row `sent`.
+
+The consumer is a real `huey_consumer` process; its backends are told apart from the test's own
+by application_name ("capsule" for the product, another name for this test's App).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.crypto import Keyring
+from core.db import session_scope
+from core.models import AuditEvent, Delivery, DeliveryAttempt, Status
+from core.policy import utcnow
+from tests.fakes.provider_server import FakeProviderServer
+from tests.harness import Consumer, wait_for
+from tests.integration.scenario_world import Postgres, World
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+
+@pytest.fixture
+def world(
+    pg_database: str,
+    redis_url: str,
+    redis_prefix: str,
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    keyring: Keyring,
+) -> Iterator[World]:
+    world = World.open(
+        pg_database,
+        redis_url,
+        redis_prefix,
+        provider_server,
+        tmp_path / "var",
+        keyring,
+        CAPSULE_PROVIDERS="resend",
+        CAPSULE_PROVIDER_READ_TIMEOUT="20",
+        CAPSULE_LEASE_SECONDS="120",
+    )
+    world.app.enqueuer.set_marker()  # no broker-loss re-dispatch in the middle of a test
+    yield world
+    world.close()
+
+
+@pytest.fixture
+def postgres(world: World) -> Iterator[Postgres]:
+    pg = Postgres(world.database)
+    yield pg
+    pg.close()
+
+
+def start_consumer(world: World, postgres: Postgres) -> Consumer:
+    consumer = world.consumer(workers=1)
+    # Past its first safety-net runs: it holds pooled connections to the database
+    wait_for(
+        lambda: " executed in " in consumer.log() and postgres.consumer_backends(),
+        timeout=30,
+        what="the consumer's first runs and its database connections",
+    )
+    return consumer
+
+
+def assert_sent_exactly_once(world: World, delivery_id: object, requests: int = 1) -> None:
+    row = world.row(delivery_id)  # type: ignore[arg-type]
+    assert row.status == Status.SENT and row.sent_at is not None
+    assert world.server.count_for_key(row.idempotency_key) == 1
+    assert world.requests() == requests, world.server.stats()
+    with session_scope(world.app.session_factory) as session:
+        sent_events = session.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.delivery_id == row.id, AuditEvent.type == "delivery.sent")
+        )
+        attempts = session.scalar(
+            select(func.count())
+            .select_from(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id == row.id)
+        )
+    assert (sent_events, attempts) == (1, 1)
+
+
+def test_connections_dropped_before_the_claim(world: World, postgres: Postgres) -> None:
+    consumer = start_consumer(world, postgres)
+
+    # Given PostgreSQL drops every connection the consumer holds while it waits for work
+    pids = postgres.consumer_backends()
+    assert postgres.terminate(pids) == len(pids) >= 1
+    wait_for(
+        lambda: not set(pids) & set(postgres.consumer_backends()),
+        timeout=10,
+        what="the terminated backends to go",
+    )
+
+    # When a letter comes due: the claim is the consumer's next use of the database
+    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
+    wait_for(lambda: world.count(Status.SENT) == 1, timeout=30, what="the letter sent")
+
+    # Then it was claimed on a fresh connection and sent once
+    assert_sent_exactly_once(world, delivery_id)
+    assert consumer.alive
+
+
+def test_connections_dropped_between_the_send_and_the_record(
+    world: World, postgres: Postgres
+) -> None:
+    consumer = start_consumer(world, postgres)
+
+    # Given the provider accepts the letter and then answers only after 3 s
+    world.server.set_faults("resend", ["stall:3"])
+    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
+    wait_for(
+        lambda: len(world.server.messages()) == 1,
+        timeout=30,
+        interval=0.05,
+        what="the provider to accept the letter",
+    )
+
+    # When PostgreSQL drops the consumer's connections while the run waits for that answer
+    pids = postgres.consumer_backends()
+    assert postgres.terminate(pids) == len(pids) >= 1
+    assert world.row(delivery_id).status == Status.PROCESSING  # the same run, not yet recorded
+
+    # Then the run records its outcome on a new connection: sent, once
+    wait_for(lambda: world.count(Status.SENT) == 1, timeout=30, what="the outcome recorded")
+    assert_sent_exactly_once(world, delivery_id)
+    assert consumer.alive
+
+
+def test_connection_dropped_while_the_record_waits_on_a_lock(
+    world: World, postgres: Postgres
+) -> None:
+    consumer = start_consumer(world, postgres)
+
+    # Given the provider accepts the letter and then answers only after 2 s
+    world.server.set_faults("resend", ["stall:2"])
+    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
+    wait_for(
+        lambda: len(world.server.messages()) == 1,
+        timeout=30,
+        interval=0.05,
+        what="the provider to accept the letter",
+    )
+
+    # And the test holds the delivery's row lock, so the run's record blocks on it
+    with world.app.engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(select(Delivery.id).where(Delivery.id == delivery_id).with_for_update())
+        wait_for(
+            lambda: postgres.consumer_backends(waiting_on_lock=True),
+            timeout=30,
+            interval=0.05,
+            what="the record to wait on the lock",
+        )
+
+        # When PostgreSQL drops the waiting backend
+        [waiting] = postgres.consumer_backends(waiting_on_lock=True)
+        assert postgres.terminate([waiting]) == 1
+
+        # Then the run tries again on a new connection, and waits again
+        wait_for(
+            lambda: set(postgres.consumer_backends(waiting_on_lock=True)) - {waiting},
+            timeout=20,
+            interval=0.05,
+            what="the record's retry to wait on the lock",
+        )
+        assert world.row(delivery_id).status == Status.PROCESSING
+        transaction.commit()  # the lock is released
+
+    # And once the lock is released it records the outcome: sent, once
+    wait_for(lambda: world.count(Status.SENT) == 1, timeout=30, what="the outcome recorded")
+    assert_sent_exactly_once(world, delivery_id)
+    assert consumer.alive

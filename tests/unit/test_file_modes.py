@@ -1,0 +1,138 @@
+"""Every file the system writes is private from its first byte: directories 0700, files 0600,
+whatever the umask (docs/operations.md, "Files and their modes")."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from core.config import Settings
+from core.db import make_engine
+from core.files import append_private, private_dir, private_file
+from core.locks import single_runner
+from core.providers.outbox import OutboxProvider
+from tests.fakes.fixtures import make_email
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(autouse=True)
+def permissive_umask() -> Iterator[None]:
+    """The worst case: a umask that lets everyone read everything."""
+    old = os.umask(0o000)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_directories_are_made_0700_with_their_missing_parents(tmp_path: Path) -> None:
+    made = private_dir(tmp_path / "a" / "b")
+    assert mode(made) == 0o700 and mode(tmp_path / "a") == 0o700
+
+
+def test_an_existing_directory_is_tightened_only_when_asked(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+
+    private_dir(shared)
+    assert mode(shared) == 0o755  # the operator's directory keeps its mode
+
+    private_dir(shared, tighten=True)
+    assert mode(shared) == 0o700
+
+
+def test_a_shared_sticky_directory_is_never_tightened(tmp_path: Path) -> None:
+    sticky = tmp_path / "tmp-like"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    private_dir(sticky, tighten=True)
+    assert mode(sticky) == 0o1777
+
+
+def test_appended_secrets_are_0600_even_if_they_could_never_be_tightened_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Created with its final mode, not chmod-ed after the write: with chmod unavailable the
+    # file is still private (a write-then-chmod would leave it 0666 here).
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("chmod after the fact")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(os, "fchmod", refuse)
+    path = append_private(tmp_path / "var" / "keys", "k1:secret\n")
+
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+    assert path.read_text() == "k1:secret\n"
+
+
+def test_a_world_readable_file_from_an_older_version_is_tightened(tmp_path: Path) -> None:
+    old = tmp_path / "keys"
+    old.write_text("k1:secret\n")
+    os.chmod(old, 0o644)
+
+    append_private(old, "k2:secret\n")
+    assert mode(old) == 0o600 and old.read_text().count("secret") == 2
+
+    other = tmp_path / "capsule.db"
+    other.write_bytes(b"")
+    os.chmod(other, 0o664)
+    private_file(other)
+    assert mode(other) == 0o600
+
+
+def test_the_sqlite_database_and_its_wal_and_shm_are_0600_in_a_0700_var(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    engine = make_engine(Settings(var_dir=str(var)))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+        with engine.connect() as conn:  # WAL mode: -wal and -shm exist while it is open
+            conn.execute(text("SELECT * FROM t")).all()
+            files = {p.name: mode(p) for p in var.iterdir()}
+    finally:
+        engine.dispose()
+
+    assert mode(var) == 0o700
+    assert files == {"capsule.db": 0o600, "capsule.db-wal": 0o600, "capsule.db-shm": 0o600}
+
+
+def test_the_sqlite_queue_file_is_0600(tmp_path: Path) -> None:
+    from huey_app import make_huey
+
+    var = tmp_path / "var"
+    queue = make_huey(Settings(var_dir=str(var)))
+    queue.storage.initialize_schema()
+    queue.storage.enqueue(b"payload")
+
+    files = {p.name: mode(p) for p in var.iterdir()}
+    assert mode(var) == 0o700 and "huey.db" in files
+    assert set(files.values()) == {0o600}, files  # with its -wal/-shm, if any
+
+
+def test_outbox_directory_and_letters_are_private(tmp_path: Path) -> None:
+    outbox = tmp_path / "var" / "outbox"
+    OutboxProvider(outbox).send(make_email())
+
+    [letter] = list(outbox.glob("*.eml"))
+    assert mode(outbox) == 0o700 and mode(outbox.parent) == 0o700 and mode(letter) == 0o600
+
+
+def test_lock_files_are_private(tmp_path: Path) -> None:
+    engine = make_engine(Settings(var_dir=str(tmp_path / "var")))
+    try:
+        with single_runner(engine, "backstop", tmp_path / "var" / "locks") as held:
+            assert held
+    finally:
+        engine.dispose()
+    assert mode(tmp_path / "var" / "locks") == 0o700
+    assert mode(tmp_path / "var" / "locks" / "backstop.lock") == 0o600
