@@ -377,6 +377,15 @@ class FakeProviderState:
         with self._lock:
             return [m for m in self._messages if provider in (None, m.provider)]
 
+    def counts_by_delivery(self, kind: str = "letter") -> dict[str, int]:
+        """Stored messages per delivery_id (Resend tag, Postmark metadata) of this kind."""
+        counts: Counter[str] = Counter()
+        for message in self.messages():
+            labels = {**message.metadata, **message.tags}
+            if labels.get("kind") == kind and labels.get("delivery_id"):
+                counts[labels["delivery_id"]] += 1
+        return dict(counts)
+
     def counts_by_key(self, provider: str | None = None) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for message in self.messages(provider):
@@ -929,6 +938,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "total": len(messages),
                 "messages": [_as_json(m) for m in messages],
                 "counts_by_key": self.state.counts_by_key(provider),
+                "counts_by_delivery": self.state.counts_by_delivery(),
                 "requests_by_key": self.state.key_counts(provider)["requests"],
             }
         )

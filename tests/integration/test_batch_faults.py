@@ -285,15 +285,14 @@ def test_postmark_unknown_batch_outcome_is_settled_by_looking_each_letter_up(
 
 
 def batch_env(live: Live, **extra: str) -> None:
-    reconfigure(
-        live,
-        CAPSULE_BATCH_SIZE="100",
-        CAPSULE_PROVIDERS="resend",
-        CAPSULE_PROVIDER_READ_TIMEOUT="1",
-        CAPSULE_BACKOFF_BASE_SECONDS="1",
-        CAPSULE_LEASE_SECONDS="30",
-        **extra,
-    )
+    env = {
+        "CAPSULE_BATCH_SIZE": "100",
+        "CAPSULE_PROVIDERS": "resend",
+        "CAPSULE_PROVIDER_READ_TIMEOUT": "1",
+        "CAPSULE_BACKOFF_BASE_SECONDS": "1",
+        "CAPSULE_LEASE_SECONDS": "30",
+    }
+    reconfigure(live, **{**env, **extra})
 
 
 def assert_each_letter_stored_once(live: Live) -> None:
@@ -323,12 +322,12 @@ def test_a_real_consumer_sends_each_letter_once_through_a_batch_fault(
     # When they have all been sent (retries come back within seconds: backoff base 1 s)
     wait_for(lambda: live.count(Status.SENT) == 40, timeout=90, interval=0.5, what="40 sent")
 
-    # Then each letter is stored once at the fake, and few requests carried them
+    # Then each letter is stored once at the fake, and few requests carried them (the first
+    # task may find its letter alone and send it alone, under the letter's own key)
     assert_each_letter_stored_once(live)
-    keys = batch_keys(live)
-    requests = sum(live.server.requests_for_key(k) for k in keys)
-    replays = sum(live.server.replays_for_key(k) for k in keys)
-    assert requests - replays <= 4, (requests, replays, len(keys))
+    counts = live.server.key_counts()
+    requests, replays = sum(counts["requests"].values()), sum(counts["replays"].values())
+    assert requests - replays <= 10, (requests, replays, len(batch_keys(live)))
     if fault in {"stored:503", "drop", "stall:2"}:
         assert replays >= 1  # the unknown outcome was settled by a replay, same key
 
