@@ -47,6 +47,7 @@ from core.models import (
     CreditEntry,
     Delivery,
     DeliveryAttempt,
+    DeliveryBatch,
     Notification,
     ProviderState,
     ReconcilerRun,
@@ -683,6 +684,8 @@ class DeliveryDetail:
     attempts: pd.DataFrame = field(repr=False)
     audit: pd.DataFrame = field(repr=False)
     notifications: pd.DataFrame = field(repr=False)
+    # the batch that holds the letter (live) or sent it: "id · provider · n letters · state"
+    batch: str | None = None
 
     @property
     def lateness_seconds(self) -> float | None:
@@ -717,6 +720,7 @@ def delivery_detail(
                 DeliveryAttempt.duration_ms,
                 DeliveryAttempt.task_id,
                 DeliveryAttempt.provider_message_id,
+                DeliveryAttempt.batch_id,
             )
             .where(DeliveryAttempt.delivery_id == delivery_id)
             .order_by(DeliveryAttempt.id)
@@ -733,8 +737,10 @@ def delivery_detail(
             "duration_ms",
             "task_id",
             "provider_message_id",
+            "batch_id",
         ],
     )
+    attempts["batch_id"] = [str(v) if v is not None else None for v in attempts["batch_id"]]
     attempts["started_at"] = pd.to_datetime(attempts["started_at"], utc=True)
     attempts["status_code"] = attempts["status_code"].astype("Int64")
     audit = _frame(
@@ -813,7 +819,17 @@ def delivery_detail(
         attempts=attempts,
         audit=audit,
         notifications=notes,
+        batch=_batch_line(session, d.batch_id),
     )
+
+
+def _batch_line(session: Session, batch_id: uuid.UUID | None) -> str | None:
+    if batch_id is None:
+        return None
+    batch = session.get(DeliveryBatch, batch_id)
+    if batch is None:
+        return str(batch_id)
+    return f"{batch.id} · {batch.provider} · {len(batch.delivery_ids)} letters · {batch.state}"
 
 
 def deliveries_for_address(session: Session, email: str, *, limit: int = 50) -> pd.DataFrame:

@@ -262,3 +262,21 @@ def test_replace_keeps_claims_frozen() -> None:
 
     c = Claim(uuid.uuid4(), "t", 1, 1, "k", "a@b.c", uuid.uuid4(), 1, None, None)
     assert replace(c, pinned_provider="x").pinned_provider == "x" and c.pinned_provider is None
+
+
+def test_the_delivery_detail_names_the_batch_a_letter_went_out_in(app: App) -> None:
+    from core.queries import delivery_detail
+
+    ids = due_letters(app, 3)
+    run_delivery(app, ids[0], "t1", clock=lambda: AT_DUE)
+    [batch] = batch_rows(app)
+    [lone] = due_letters(app, 1)
+
+    with session_scope(app.session_factory) as session:
+        detail = delivery_detail(session, ids[2])
+        alone = delivery_detail(session, lone)
+
+    assert detail is not None and alone is not None
+    assert detail.batch == f"{batch.id} · outbox · 3 letters · done"
+    assert list(detail.attempts["batch_id"]) == [str(batch.id)]
+    assert alone.batch is None
