@@ -524,6 +524,9 @@ class Recorded:
     notify: bool = False
 
 
+BATCH_DEFER_SPREAD = 1.0  # seconds: a deferred batch is one request when it comes back
+
+
 def record_outcome(
     session: Session,
     claimed: Claim,
@@ -549,14 +552,31 @@ def record_outcomes(
     *,
     now: datetime,
     rng: random.Random | None = None,
+    together: bool = False,
 ) -> list[Recorded]:
     """Decide each letter's outcome (`core.outcomes.decide`, pure), then write them all in the
     caller's one transaction: one attempt row per provider call naming its batch, one
-    compare-and-set per row, audit events, refunds and owner notices. The caller commits."""
-    decided = [
-        (claimed, outcome, decide(claimed.round_attempts, outcome, settings, now=now, rng=rng))
-        for claimed, outcome in results
-    ]
+    compare-and-set per row, audit events, refunds and owner notices. The caller commits.
+
+    `together` (a batch): letters deferred or retried together come back at the same instant
+    (one draw for all, a deferral spread over a second), so they can travel together again;
+    letters drawn apart would come back one by one, each as its own request.
+    """
+    seed = (rng or random).random()
+
+    def decide_one(claimed: Claim, outcome: Outcome) -> Decision:
+        if not together:
+            return decide(claimed.round_attempts, outcome, settings, now=now, rng=rng)
+        return decide(
+            claimed.round_attempts,
+            outcome,
+            settings,
+            now=now,
+            rng=random.Random(seed),
+            defer_spread=BATCH_DEFER_SPREAD,
+        )
+
+    decided = [(c, o, decide_one(c, o)) for c, o in results]
     return write_outcomes(session, decided, now=now)
 
 

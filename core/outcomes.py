@@ -93,15 +93,21 @@ def decide(
     *,
     now: datetime,
     rng: random.Random | None = None,
+    defer_spread: float | None = None,
 ) -> Decision:
     """Sent, retry at, defer to, or fail: from the run's attempt number in this round, its
-    outcome, the retry settings and `now`. Pure: no database, no clock."""
+    outcome, the retry settings and `now`. Pure: no database, no clock.
+
+    `defer_spread`: how widely deferred runs are spread after the gate may open (default the
+    backoff base). A batch comes back as one request, not as a herd, so it spreads little.
+    """
     if outcome.sent:
         return Decision(SENT)
     # A run that reached no provider (circuits open, rate limit closed, a 429 on a batch)
     # tried nothing: it gives its attempt back and comes again once the gate may open.
     if outcome.deferred and outcome.error_class in DEFERRABLE and not outcome.final:
-        delay = deferral_seconds(outcome.retry_after, spread=settings.backoff_base_seconds, rng=rng)
+        spread = settings.backoff_base_seconds if defer_spread is None else defer_spread
+        delay = deferral_seconds(outcome.retry_after, spread=spread, rng=rng)
         uncounted = outcome.error_class == ErrorClass.MISSING_KEY and not outcome.calls
         return Decision(DEFER, now + timedelta(seconds=delay), outcome.error_class, uncounted)
     if (

@@ -267,7 +267,7 @@ def _record_batch(
 ) -> list[Recorded]:
     def write() -> list[Recorded]:
         with session_scope(app.session_factory) as session:
-            recorded = record_outcomes(session, results, app.settings, now=now)
+            recorded = record_outcomes(session, results, app.settings, now=now, together=True)
             batches.settle(session, work.batch.id, work.claims[0].task_id, now=now)
             session.commit()
             return recorded

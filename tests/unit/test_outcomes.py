@@ -66,3 +66,12 @@ def test_a_final_outcome_fails_whatever_attempts_are_left(deferred: bool) -> Non
 )
 def test_non_retryable_classes_fail_at_once(error_class: str) -> None:
     assert run(1, Outcome(error_class)).action == FAIL
+
+
+def test_a_narrow_deferral_spread_brings_a_batch_back_just_after_the_gate_opens() -> None:
+    outcome = Outcome(ErrorClass.TRANSIENT, deferred=True, retry_after=2.0)
+
+    decision = decide(1, outcome, SETTINGS, now=NOW, rng=random.Random(3), defer_spread=1.0)
+
+    assert decision.next_attempt_at is not None
+    assert NOW + timedelta(seconds=2) <= decision.next_attempt_at <= NOW + timedelta(seconds=3)
