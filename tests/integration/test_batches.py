@@ -280,3 +280,13 @@ def test_the_delivery_detail_names_the_batch_a_letter_went_out_in(app: App) -> N
     assert detail.batch == f"{batch.id} · outbox · 3 letters · done"
     assert list(detail.attempts["batch_id"]) == [str(batch.id)]
     assert alone.batch is None
+
+
+def test_inline_delivery_counts_every_letter_a_batch_sent(app: App) -> None:
+    from core.reconcile import deliver_inline
+
+    due_letters(app, 4)
+
+    sent = deliver_inline(app, now=AT_DUE, clock=lambda: AT_DUE, runner="test")
+
+    assert sent == 4 and len(batch_rows(app)) == 1
