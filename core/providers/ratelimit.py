@@ -85,12 +85,13 @@ return '0'
 """
 
 
-# KEYS[1] as above; ARGV[1] = seconds to pause. Moves the TAT to at least now + pause.
+# KEYS[1] as above; ARGV[1] = seconds to pause, ARGV[2] = the burst tolerance less one interval.
+# Moves the TAT so that the next send is allowed `pause` from now, and no burst follows it.
 _PAUSE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local until_ = now + tonumber(ARGV[1])
+local until_ = now + tonumber(ARGV[1]) + tonumber(ARGV[2])
 if tat < until_ then
   redis.call('SET', KEYS[1], string.format('%.6f', until_), 'PX', math.ceil((until_ - now) * 1000) + 1000)
 end
@@ -154,6 +155,9 @@ class RedisRateLimiter:
         """Hold every consumer back for `seconds` (a 429 from the provider); best effort."""
         self._fallback.pause(provider, seconds)
         try:
-            self._pause(keys=[self.key(provider)], args=[max(0.0, seconds)])
+            # TAT = now + pause + tolerance - interval: the next send is due exactly at the end
+            # of the pause, and none of the burst allowance is left for right after it
+            ahead = (self.burst - 1) / self.rate
+            self._pause(keys=[self.key(provider)], args=[max(0.0, seconds), ahead])
         except (redis.RedisError, OSError) as exc:
             log.warning("rate limiter: could not share a pause through Redis (%s)", exc)

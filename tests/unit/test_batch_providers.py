@@ -332,3 +332,16 @@ def test_a_batch_held_back_by_the_rate_limit_calls_nothing_and_is_deferred() -> 
     results = chain_batch(provider, limiter=Closed(), sleep=lambda s: None)
 
     assert provider.calls == 0 and all(o.deferred for o in results)
+
+
+def test_a_pause_of_the_shared_limiter_leaves_no_burst_after_it(
+    ratelimit_redis: tuple[Any, str],
+) -> None:
+    from core.providers.ratelimit import RedisRateLimiter
+
+    client, prefix = ratelimit_redis
+    limiter = RedisRateLimiter(client, prefix, 5, burst=5)
+
+    limiter.pause("resend", 1.0)
+
+    assert 0.9 <= limiter.acquire("resend") <= 1.0
