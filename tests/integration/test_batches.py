@@ -290,3 +290,26 @@ def test_inline_delivery_counts_every_letter_a_batch_sent(app: App) -> None:
     sent = deliver_inline(app, now=AT_DUE, clock=lambda: AT_DUE, runner="test")
 
     assert sent == 4 and len(batch_rows(app)) == 1
+
+
+def test_letters_already_sent_never_take_a_batch_s_places(app: App) -> None:
+    # Given two letters sent long ago (due earlier than anything) and three due now
+    early = due_letters(app, 2)
+    with session_scope(app.session_factory) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(early))
+            .values(status=Status.SENT, next_attempt_at=T0)
+        )
+        session.commit()
+    ids = due_letters(app, 3)
+
+    # When a run gathers two more letters
+    with session_scope(app.session_factory) as session:
+        own = claim(session, ids[0], "t1", now=AT_DUE, lease_seconds=300)
+        assert own is not None
+        more = batches.claim_more(session, "t1", limit=2, now=AT_DUE, lease_seconds=300)
+        session.commit()
+
+    # Then it gets both scheduled ones: the sent rows are not even picked
+    assert sorted(c.delivery_id for c in more) == sorted(ids[1:])
