@@ -176,6 +176,16 @@ def _transition(
         raise InvalidTransition(row.id, fresh.status, action)
 
 
+def _not_waiting_for_a_batch(row: Delivery, action: str) -> None:
+    """A scheduled letter still in a batch waits for that batch's replay (its first call's
+    outcome is unknown): the replay repeats the identical request, this letter included, so it
+    cannot be canceled or moved until the batch has settled (seconds to minutes)."""
+    if row.batch_id is not None and row.status == Status.SCHEDULED:
+        raise InvalidTransition(
+            row.id, "waiting for its batch's outcome (try again shortly)", action
+        )
+
+
 def find_user(session: Session, email: str) -> User:
     user = session.scalar(select(User).where(User.email == email.strip().lower()))
     if user is None:
@@ -281,6 +291,7 @@ def cancel_delivery(
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
         old_task = row.task_id
+        _not_waiting_for_a_batch(row, "cancel")
         _transition(
             session,
             row,
@@ -326,6 +337,7 @@ def reschedule_delivery(
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
         old_task, old_time = row.task_id, row.deliver_at
+        _not_waiting_for_a_batch(row, "reschedule")
         _transition(
             session,
             row,

@@ -361,3 +361,29 @@ def test_a_consumer_killed_mid_batch_is_recovered_by_replaying_the_batch(live: L
     assert_each_letter_stored_once(live)
     [key] = batch_keys(live)
     assert (live.server.requests_for_key(key), live.server.replays_for_key(key)) == (2, 1)
+
+
+def test_a_letter_waiting_for_its_batch_replay_cannot_be_canceled_or_moved(
+    resend_world: App, provider_server: FakeProviderServer
+) -> None:
+    from core.deliveries import cancel_delivery, reschedule_delivery
+    from core.errors import InvalidTransition
+
+    provider_server.set_faults("resend", ["drop"])
+    ids = due_letters(resend_world, 2)
+    run_delivery(resend_world, ids[0], "t1", clock=lambda: AT_DUE)
+
+    app = resend_world
+    with pytest.raises(InvalidTransition, match="batch"):
+        cancel_delivery(app.session_factory, app.enqueuer, ids[1], now=AT_DUE, actor="ada")
+    with pytest.raises(InvalidTransition, match="batch"):
+        reschedule_delivery(
+            app.session_factory,
+            app.enqueuer,
+            app.settings,
+            ids[1],
+            AT_DUE + timedelta(days=3),
+            now=AT_DUE,
+            actor="ada",
+        )
+    assert row(app, ids[1]).status == Status.SCHEDULED
