@@ -85,6 +85,7 @@ def _claims(rows: Sequence[Any], task_id: str) -> list[Claim]:
             pinned_provider=row.pinned_provider,
             error_class=row.error_class,
             batch_id=row.batch_id,
+            queued_task_id=getattr(row, "queued_task_id", None),
         )
         for row in rows
     ]
@@ -120,7 +121,7 @@ def claim_more(
     if limit < 1:
         return []
     picked = (
-        select(Delivery.id)
+        select(Delivery.id, Delivery.task_id)
         .where(
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= now,
@@ -135,18 +136,26 @@ def claim_more(
         # rescan with SKIP LOCKED returns other rows, past the LIMIT.
         .cte("picked")
     )
-    result = session.execute(
+    claimed = (
         update(Delivery)
         .execution_options(synchronize_session=False)
-        .where(
+        .values(**_claimed_values(task_id, now, lease_seconds))
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the
+        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)
+        statement = claimed.where(
+            Delivery.id == picked.c.id,
+            Delivery.status == Status.SCHEDULED,
+            Delivery.next_attempt_at <= now,
+        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))
+    else:
+        statement = claimed.where(
             Delivery.id.in_(select(picked.c.id)),
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= now,
-        )
-        .values(**_claimed_values(task_id, now, lease_seconds))
-        .returning(*_RETURNING)
-    )
-    claims = _claims(result.all(), task_id)
+        ).returning(*_RETURNING)
+    claims = _claims(session.execute(statement).all(), task_id)
     return sorted(claims, key=lambda c: c.delivery_id.hex)
 
 

@@ -430,6 +430,9 @@ class Claim:
     # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
     ambiguous_at: datetime | None = None
     batch_id: uuid.UUID | None = None  # the live batch it is claimed in
+    # The Huey task queued for this letter before a batch took it: revoked, best effort, so
+    # that it does not run only to find nothing to claim.
+    queued_task_id: str | None = None
 
 
 def claim(

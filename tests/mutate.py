@@ -260,10 +260,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
         '        .cte("picked")\n'
         "    )\n"
-        "    result = session.execute(\n"
+        "    claimed = (\n"
         "        update(Delivery)\n"
         "        .execution_options(synchronize_session=False)\n"
-        "        .where(\n"
+        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
+        "    )\n"
+        '    if session.get_bind().dialect.name == "postgresql":\n'
+        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
+        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id == picked.c.id,\n"
+        "            Delivery.status == Status.SCHEDULED,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
+        "    else:\n"
+        "        statement = claimed.where(\n"
         "            Delivery.id.in_(select(picked.c.id)),\n"
         "            Delivery.status == Status.SCHEDULED,\n",
         "            Delivery.next_attempt_at <= now,\n"
@@ -278,13 +289,23 @@ MUTANTS: tuple[Mutant, ...] = (
         "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
         '        .cte("picked")\n'
         "    )\n"
-        "    result = session.execute(\n"
+        "    claimed = (\n"
         "        update(Delivery)\n"
         "        .execution_options(synchronize_session=False)\n"
-        "        .where(\n"
+        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
+        "    )\n"
+        '    if session.get_bind().dialect.name == "postgresql":\n'
+        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
+        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id == picked.c.id,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
+        "    else:\n"
+        "        statement = claimed.where(\n"
         "            Delivery.id.in_(select(picked.c.id)),\n",
         (f"{BATCHES}::test_a_letter_another_run_holds_is_never_claimed_again",),
-        "a batch's claim takes letters whatever their status (pick and UPDATE both)",
+        "a batch's claim takes letters whatever their status (the pick and the UPDATE)",
     ),
     Mutant(
         "batch-skip-locked",

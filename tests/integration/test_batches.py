@@ -313,3 +313,20 @@ def test_letters_already_sent_never_take_a_batch_s_places(app: App) -> None:
 
     # Then it gets both scheduled ones: the sent rows are not even picked
     assert sorted(c.delivery_id for c in more) == sorted(ids[1:])
+
+
+def test_on_postgresql_the_companions_queued_tasks_are_revoked(app: App, db_kind: str) -> None:
+    # Given four letters due together, each with its task in the broker
+    ids = due_letters(app, 4)
+    queued = {i: row(app, i).task_id for i in ids}
+    assert all(queued.values())
+
+    # When the first one's task leads the batch
+    run_delivery(app, ids[0], queued[ids[0]] or "", clock=lambda: AT_DUE)
+
+    # Then (PostgreSQL) the other three tasks are revoked: they would only find nothing
+    revoked = app.enqueuer.revoked  # type: ignore[attr-defined]
+    if db_kind == "postgresql":
+        assert sorted(revoked) == sorted(queued[i] for i in ids[1:])
+    else:
+        assert revoked == []  # SQLite cannot say which task each letter had; harmless
