@@ -34,7 +34,7 @@ from core.db import retry_db, session_scope
 from core.deliveries import Claim, Recorded, claim, record_outcome, record_outcomes
 from core.dispatch import dispatch, revoke_quietly
 from core.errors import CryptoError, UnknownKeyId
-from core.models import Delivery, ErrorClass, Letter, Status
+from core.models import BatchState, Delivery, ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
 from core.providers.base import BatchProvider, Email, batch_limit
@@ -144,7 +144,7 @@ def _rejoin(
     if (
         batch is None
         or provider is None
-        or batch.state != "live"
+        or batch.state != BatchState.LIVE
         or not getattr(provider, "replays_batches", False)
     ):
         # A provider that can be asked (Postmark, the outbox) is asked about this letter alone;
