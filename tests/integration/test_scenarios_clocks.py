@@ -92,6 +92,7 @@ def test_two_consumers_with_skewed_clocks_send_each_letter_once_and_never_early_
 
     # And the clocks really disagreed: the consumer ahead recorded times 3 s past real time
     drift = [(row.sent_at - received[row.idempotency_key]).total_seconds() for row in sent.values()]
+    # (a record comes after the provider's answer, so only the consumer behind can be below 0)
     assert max(drift) > SKEW - 1, drift
-    assert all(abs(d) < SKEW + 1 for d in drift), drift
+    assert min(drift) >= -SKEW, drift
     assert ahead.alive and behind.alive

@@ -115,8 +115,8 @@ def test_connections_dropped_between_the_send_and_the_record(
 ) -> None:
     consumer = start_consumer(world, postgres)
 
-    # Given the provider accepts the letter and then answers only after 3 s
-    world.server.set_faults("resend", ["stall:3"])
+    # Given the provider accepts the letter and then answers only after 5 s
+    world.server.set_faults("resend", ["stall:5"])
     delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
     wait_for(
         lambda: len(world.server.messages()) == 1,
@@ -141,8 +141,8 @@ def test_connection_dropped_while_the_record_waits_on_a_lock(
 ) -> None:
     consumer = start_consumer(world, postgres)
 
-    # Given the provider accepts the letter and then answers only after 2 s
-    world.server.set_faults("resend", ["stall:2"])
+    # Given the provider accepts the letter and then answers only after 4 s
+    world.server.set_faults("resend", ["stall:4"])
     delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
     wait_for(
         lambda: len(world.server.messages()) == 1,
