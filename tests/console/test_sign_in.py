@@ -177,3 +177,13 @@ def test_the_client_address_behind_a_trusted_proxy(
     from console.auth import client_address
 
     assert client_address(peer, forwarded, trusted) == expected
+
+
+def test_a_success_prunes_attempts_older_than_a_month(
+    session: Session, accounts: dict[str, Any]
+) -> None:
+    attempt(session, accounts, "sam", "wrong", T0 - timedelta(days=31))
+    attempt(session, accounts, "sam", "wrong", T0 - timedelta(days=29))
+    assert attempt(session, accounts, "olga", PASSWORD, T0).ok
+    kept = session.scalars(select(SignInAttempt.created_at).order_by(SignInAttempt.id)).all()
+    assert kept == [T0 - timedelta(days=29), T0]
