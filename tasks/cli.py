@@ -35,7 +35,7 @@ from core.deliveries import (
     schedule_delivery,
 )
 from core.errors import CapsuleError, DeliveryNotFound, ValidationError
-from core.files import append_private, private_dir
+from core.files import append_private
 from core.models import Delivery, DeliveryAttempt
 from core.policy import parse_when, short_repr, utcnow
 
@@ -139,9 +139,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
         print(f"keyring {path} already exists")
         return 0
     Keyring.parse(existing + "\n" + entry, variable=str(path))  # rejects a duplicate id
-    if path.parent.resolve() == settings.var_path.resolve():
-        private_dir(settings.var_path, tighten=True)
-    append_private(path, entry + "\n")  # 0600 from its first byte
+    append_private(path, entry + "\n")  # 0600 from its first byte, in a 0700 directory
     print(f"added key {entry.split(':')[0]} to {path}; it now encrypts new letters")
     return 0
 

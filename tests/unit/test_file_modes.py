@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from core.config import Settings
 from core.db import make_engine
-from core.files import append_private, private_dir, private_file
+from core.files import append_private, private_dir, private_file, private_sqlite
 from core.locks import single_runner
 from core.providers.outbox import OutboxProvider
 from tests.fakes.fixtures import make_email
@@ -38,24 +38,25 @@ def test_directories_are_made_0700_with_their_missing_parents(tmp_path: Path) ->
     assert mode(made) == 0o700 and mode(tmp_path / "a") == 0o700
 
 
-def test_an_existing_directory_is_tightened_only_when_asked(tmp_path: Path) -> None:
+def test_existing_directories_are_never_changed(tmp_path: Path) -> None:
+    # A misconfigured CAPSULE_VAR_DIR (/etc, run as root) must not rewrite system modes.
     shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
+    shared.mkdir()
     os.chmod(shared, 0o755)
 
     private_dir(shared)
-    assert mode(shared) == 0o755  # the operator's directory keeps its mode
+    private_sqlite(shared / "capsule.db")
+    append_private(shared / "keys", "k1:secret\n")
 
-    private_dir(shared, tighten=True)
-    assert mode(shared) == 0o700
+    assert mode(shared) == 0o755
+    assert mode(shared / "capsule.db") == 0o600 and mode(shared / "keys") == 0o600
 
 
-def test_a_shared_sticky_directory_is_never_tightened(tmp_path: Path) -> None:
-    sticky = tmp_path / "tmp-like"
-    sticky.mkdir()
-    os.chmod(sticky, 0o1777)
-    private_dir(sticky, tighten=True)
-    assert mode(sticky) == 0o1777
+def test_only_regular_files_are_tightened(tmp_path: Path) -> None:
+    fifo = tmp_path / "capsule.db-wal"
+    os.mkfifo(fifo, 0o644)
+    private_sqlite(tmp_path / "capsule.db")  # tightens an old -wal, but only a regular file
+    assert mode(fifo) == 0o644
 
 
 def test_appended_secrets_are_0600_even_if_they_could_never_be_tightened_later(
