@@ -22,6 +22,7 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 _GROUP_OTHER = 0o077
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def private_dir(path: Path | str) -> Path:
@@ -39,22 +40,27 @@ def private_dir(path: Path | str) -> Path:
     return path
 
 
-def private_file(path: Path | str) -> Path:
+def private_file(path: Path | str, *, header: bytes | None = None) -> Path:
     """Make sure `path` exists as a 0600 file before anything else (SQLite) opens it; an
-    existing one of ours is tightened."""
+    existing one of ours is tightened, if it is empty or starts with `header` (when given)."""
     path = Path(path)
     private_dir(path.parent)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
-        _tighten_fd(fd)
+        start = os.read(fd, len(header)) if header else b""
+        if not start or header is None or start == header:
+            _tighten_fd(fd)
     finally:
         os.close(fd)
     return path
 
 
 def private_sqlite(path: Path | str) -> Path:
-    """The SQLite database file private before its first connection, with its companions."""
-    path = private_file(path)
+    """The SQLite database file private before its first connection, with its companions.
+
+    Only a file that is empty or a SQLite database is tightened: a database URL pointing at
+    some other file by mistake must not change that file."""
+    path = private_file(path, header=SQLITE_HEADER)
     for suffix in SQLITE_COMPANIONS:
         companion = path.with_name(path.name + suffix)
         if companion.exists():

@@ -52,6 +52,14 @@ def test_existing_directories_are_never_changed(tmp_path: Path) -> None:
     assert mode(shared / "capsule.db") == 0o600 and mode(shared / "keys") == 0o600
 
 
+def test_a_database_path_pointing_at_some_other_file_leaves_it_alone(tmp_path: Path) -> None:
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.chmod(other, 0o644)
+    private_sqlite(other)
+    assert mode(other) == 0o644
+
+
 def test_only_regular_files_are_tightened(tmp_path: Path) -> None:
     fifo = tmp_path / "capsule.db-wal"
     os.mkfifo(fifo, 0o644)
@@ -88,6 +96,15 @@ def test_a_world_readable_file_from_an_older_version_is_tightened(tmp_path: Path
     os.chmod(other, 0o664)
     private_file(other)
     assert mode(other) == 0o600
+
+    database = tmp_path / "old.db"
+    database.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    wal = tmp_path / "old.db-wal"
+    wal.write_bytes(b"")
+    os.chmod(database, 0o644)
+    os.chmod(wal, 0o644)
+    private_sqlite(database)
+    assert mode(database) == 0o600 and mode(wal) == 0o600
 
 
 def test_the_sqlite_database_and_its_wal_and_shm_are_0600_in_a_0700_var(tmp_path: Path) -> None:
