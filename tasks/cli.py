@@ -534,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(_database_problem(exc))
     except OSError as exc:
         _fail(_file_problem(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
     return EXIT_ERROR
 
 
