@@ -103,7 +103,10 @@ def _line_problem(text: str) -> str | None:
 
 def _read_stdin_text(what: str) -> str:
     """All of stdin as UTF-8 text; a ValidationError (not a traceback) when it is not."""
-    data = sys.stdin.buffer.read()
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text stream (embedding, tests): already decoded
+        return str(sys.stdin.read())
+    data = raw.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -355,8 +358,6 @@ def _read_password() -> str:
     """The new password: the first line of stdin when piped, else typed twice at a prompt."""
     if not sys.stdin.isatty():
         return _read_stdin_text("the password").split("\n", 1)[0].rstrip("\r")
-    import getpass
-
     first = getpass.getpass("Password: ")
     if getpass.getpass("Again: ") != first:
         raise CapsuleError("the two passwords differ")
