@@ -48,7 +48,7 @@ def make_huey(settings: Settings) -> Huey:
 def prepare_broker(queue: Huey) -> None:
     """Create the embedded queue's file and tables; nothing to do for Redis."""
     if isinstance(queue, SqliteHuey):
-        private_dir(settings.var_path, tighten=True)
+        private_dir(settings.var_path)
         queue.storage.initialize_schema()
 
 

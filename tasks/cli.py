@@ -35,7 +35,7 @@ from core.deliveries import (
     schedule_delivery,
 )
 from core.errors import CapsuleError, DeliveryNotFound, ValidationError
-from core.files import append_private, private_dir
+from core.files import append_private
 from core.models import Delivery, DeliveryAttempt
 from core.policy import parse_when, short_repr, utcnow
 
@@ -103,7 +103,10 @@ def _line_problem(text: str) -> str | None:
 
 def _read_stdin_text(what: str) -> str:
     """All of stdin as UTF-8 text; a ValidationError (not a traceback) when it is not."""
-    data = sys.stdin.buffer.read()
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text stream (embedding, tests): already decoded
+        return str(sys.stdin.read())
+    data = raw.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,9 +142,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
         print(f"keyring {path} already exists")
         return 0
     Keyring.parse(existing + "\n" + entry, variable=str(path))  # rejects a duplicate id
-    if path.parent.resolve() == settings.var_path.resolve():
-        private_dir(settings.var_path, tighten=True)
-    append_private(path, entry + "\n")  # 0600 from its first byte
+    append_private(path, entry + "\n")  # 0600 from its first byte, in a 0700 directory
     print(f"added key {entry.split(':')[0]} to {path}; it now encrypts new letters")
     return 0
 
@@ -385,8 +386,6 @@ def _read_password() -> str:
     """The new password: the first line of stdin when piped, else typed twice at a prompt."""
     if not sys.stdin.isatty():
         return _read_stdin_text("the password").split("\n", 1)[0].rstrip("\r")
-    import getpass
-
     first = getpass.getpass("Password: ")
     if getpass.getpass("Again: ") != first:
         raise CapsuleError("the two passwords differ")
@@ -572,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(_database_problem(exc))
     except OSError as exc:
         _fail(_file_problem(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
     return EXIT_ERROR
 
 
