@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from console import auth, data
-from core import telemetry
+from core import logs, telemetry
 from core.operators import Role
 
 st.set_page_config(
@@ -15,6 +15,7 @@ st.set_page_config(
     initial_sidebar_state="expanded",
 )
 
+logs.configure_logging(data.settings(), default_level="WARNING")  # a no-op once done
 telemetry.init_sentry(data.settings(), component="console")  # once per process; then a no-op
 
 operator = auth.current_operator()

@@ -359,6 +359,7 @@ class Claim:
     user_id: int
     pinned_provider: str | None
     error_class: str | None  # of the previous run; "lease_expired" means its outcome is unknown
+    deliver_at: datetime | None = None  # the user's intent: lateness is measured from it
 
 
 def claim(
@@ -400,6 +401,7 @@ def claim(
             Delivery.user_id,
             Delivery.pinned_provider,
             Delivery.error_class,
+            Delivery.deliver_at,
         )
     )
     row = result.one_or_none()
@@ -416,6 +418,7 @@ def claim(
         user_id=row.user_id,
         pinned_provider=row.pinned_provider,
         error_class=row.error_class,
+        deliver_at=row.deliver_at,
     )
 
 
