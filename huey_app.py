@@ -50,7 +50,7 @@ huey = make_huey(settings)
 
 def _consumer_logging(config: ConsumerConfig, logger: Any = None) -> None:
     """`huey_consumer` calls this once, before the consumer starts: our logging (format and
-    level from CAPSULE_LOG_*; Huey's -v / -q set the default level) instead of Huey's own
+    level from CAPSULE_LOG_FORMAT and CAPSULE_LOG_LEVEL; Huey's -v / -q set the default level) instead of Huey's own
     handler, so Huey's lines come out in the same format as ours."""
     from core.logs import configure_logging
 

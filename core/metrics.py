@@ -77,6 +77,14 @@ SAFETY_NET_RUNS = Counter(
 )
 
 
+# Known label sets start at 0, so rate() and increase() see the first event.
+for _result in ("claimed", "nothing_to_claim"):
+    CLAIMS.labels(_result)
+for _kind in SAFETY_NET_KINDS:
+    for _result in ("ok", "error", "skipped"):
+        SAFETY_NET_RUNS.labels(_kind, _result)
+
+
 def request_outcome(call: ProviderCall) -> str | None:
     """The request's outcome label, or None when no request was made (circuit open)."""
     if call.outcome == "skipped":

@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start_telemetry() -> None:
-    """Logging (CAPSULE_LOG_*), and Sentry when CAPSULE_SENTRY_DSN is set, before any command."""
+    """Logging (CAPSULE_LOG_FORMAT, CAPSULE_LOG_LEVEL), and Sentry when CAPSULE_SENTRY_DSN is set, before any command."""
     from core.logs import configure_logging
 
     settings = _settings()
