@@ -20,7 +20,11 @@ import pytest
 
 from core import alerts
 from core.bootstrap import App
+from core.config import Settings
 from core.policy import utcnow
+from huey_app import make_huey
+from tasks.delivery import deliver
+from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
 from tests.harness import Consumer, System, wait_for
@@ -46,6 +50,16 @@ def _not_writable(consumer: Consumer, directory: Path) -> None:
             "--",
             *consumer.args,
         ]
+
+
+def crashes(sentry: FakeSentry) -> list[dict]:
+    """Events of tasks that raised, as reported by sentry-sdk's Huey integration."""
+    return [
+        event
+        for event in sentry.events()
+        if (event.get("exception") or {}).get("values", [{}])[-1].get("mechanism", {}).get("type")
+        == "huey"
+    ]
 
 
 def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: Path) -> None:
@@ -88,6 +102,16 @@ def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: P
                 )
 
             wait_for(outbox_event, timeout=60, what="the outbox failure at the fake Sentry")
+
+            # And a task that crashes is reported by the Huey integration with its task name
+            queue = make_huey(Settings.from_env(system.env))
+            HueyEnqueuer(queue)  # registers capsule.deliver with this queue
+            queue.enqueue(deliver.s("not-a-delivery-id"))
+
+            def task_event() -> bool:
+                return bool(crashes(sentry))
+
+            wait_for(task_event, timeout=30, what="the crashed task at the fake Sentry")
         finally:
             consumer.stop()
         received = sentry.received()
@@ -106,6 +130,10 @@ def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: P
     ]
     assert frames and not any("vars" in frame for frame in frames)
     assert event["tags"]["component"] == "consumer"
+    [crash] = crashes(sentry)[:1]
+    assert crash["extra"]["huey-job"] == {"task": "capsule.deliver", "retry": 0}
+    assert crash["exception"]["values"][-1]["type"] == "ValueError"
+    assert b"not-a-delivery-id" not in received  # task arguments are not sent
     # nor in the consumer's own log
     assert SUBJECT not in log and BODY not in log
     assert "cannot be written" in log
@@ -162,8 +190,6 @@ def test_failing_webhook_and_heartbeat_log_host_and_status_never_the_token(
 
 def test_unreachable_webhook_and_heartbeat_log_no_token(caplog: pytest.LogCaptureFixture) -> None:
     # Given URLs with tokens on a port where nothing listens
-    from core.config import Settings
-
     settings = Settings(
         alert_webhook_url=f"http://127.0.0.1:9/hooks/{TOKEN}",
         heartbeat_url=f"http://user:{TOKEN}@127.0.0.1:9/ping?token={TOKEN}",
