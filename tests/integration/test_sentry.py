@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,7 +28,7 @@ from tasks.delivery import deliver
 from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
-from tests.harness import Consumer, System, wait_for
+from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 SUBJECT = "Zebra quartz lantern 7d1f"
 BODY = "Marmalade octopus under the 93ab bridge, my secret plans"
@@ -204,3 +205,33 @@ def test_unreachable_webhook_and_heartbeat_log_no_token(caplog: pytest.LogCaptur
     # Then the error type and host are logged, the token is not
     assert "host 127.0.0.1: ConnectError" in caplog.text
     assert TOKEN not in caplog.text
+
+
+def test_a_crashing_cli_process_reports_without_its_arguments(tmp_path: Path) -> None:
+    # Given a process started like `capsule schedule --subject ... --body ...` with Sentry on
+    script = (
+        "import sys\n"
+        "from core.config import Settings\n"
+        "from core.telemetry import init_sentry\n"
+        "init_sentry(Settings.from_env(), component='cli')\n"
+        "raise RuntimeError('unexpected failure')\n"
+    )
+    with FakeSentry() as sentry:
+        system = System(var_dir=tmp_path / "var", database_url="", key_entry=KEY_ENTRY)
+        system.settings = {"CAPSULE_SENTRY_DSN": sentry.dsn}
+        # When it dies of an uncaught exception
+        subprocess.run(
+            [str(BIN / "python"), "-c", script, "schedule", "--subject", SUBJECT, "--body", BODY],
+            env=system.env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_for(lambda: sentry.events(), timeout=15, what="the crash at the fake Sentry")
+        received = sentry.received()
+
+    # Then the crash is reported, and the letter text on its command line is not
+    [event] = sentry.events()
+    assert event["exception"]["values"][-1]["type"] == "RuntimeError"
+    assert event["tags"]["component"] == "cli"
+    assert SUBJECT.encode() not in received and BODY.encode() not in received
