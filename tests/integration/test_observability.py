@@ -14,8 +14,10 @@ from datetime import timedelta
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
-from core.models import Status
+from core.db import session_scope
+from core.models import ReconcilerRun, Status
 from core.policy import utcnow
 from tests.fakes.smtp_server import free_port
 from tests.harness import BIN, ROOT, wait_for
@@ -134,3 +136,32 @@ def test_exporter_reports_due_unclaimed_and_consumer_health_fails_without_a_cons
     check = live.system.capsule("consumer-health", "--port", str(free_port()))
     assert check.returncode == 1, check.stdout + check.stderr
     assert "/metrics" in json.loads(check.stdout)["problems"][0]
+
+
+@pytest.mark.slow
+def test_the_consumer_counts_the_safety_net_runs_it_makes(live: Live) -> None:  # noqa: F811
+    # Given a consumer with metrics on
+    port = free_port()
+    live.system.settings.update({"CAPSULE_METRICS_PORT": str(port)})
+    live.consumer()
+    wait_for(lambda: _answers(port), timeout=30, what="the consumer's /metrics")
+
+    # When the next minute's periodic tasks run (the one consumer is the runner)
+    def ran(kind: str) -> float:
+        return total(scrape(port), "capsule_safety_net_runs_total", kind=kind, result="ok")
+
+    wait_for(lambda: ran("backstop") >= 1 and ran("dispatcher") >= 1, timeout=100, what="runs")
+
+    # Then each run recorded in the database was counted once, and none as an error
+    def recorded() -> int:
+        with session_scope(live.app.session_factory) as session:
+            return len(
+                session.scalars(
+                    select(ReconcilerRun).where(
+                        ReconcilerRun.kind == "backstop", ReconcilerRun.ok.is_(True)
+                    )
+                ).all()
+            )
+
+    wait_for(lambda: ran("backstop") == recorded(), timeout=30, what="counter = recorded runs")
+    assert total(scrape(port), "capsule_safety_net_runs_total", result="error") == 0
