@@ -376,6 +376,51 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    import huey_app
+    from core.metrics import DatabaseCollector, serve_metrics
+
+    app = _app()
+    queue = huey_app.huey
+
+    def queue_depth() -> tuple[int | None, int | None]:
+        return int(queue.pending_count()), int(queue.scheduled_count())
+
+    registry = CollectorRegistry()
+    registry.register(
+        DatabaseCollector(app.session_factory, app.settings, clock=utcnow, queue_depth=queue_depth)
+    )
+    addr = args.addr or app.settings.metrics_addr
+    if not serve_metrics(args.port, addr, registry):
+        raise CapsuleError(f"cannot listen on {addr}:{args.port}")
+    print(f"serving the database gauges on http://{addr}:{args.port}/metrics", flush=True)
+    threading.Event().wait()  # until a signal ends the process
+    return 0
+
+
+def cmd_consumer_health(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _settings()
+    port = args.port or settings.metrics_port
+    problems = []
+    if not _app().enqueuer.ping():
+        problems.append("broker unreachable")
+    if port:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if "capsule_claims_total" not in body:
+                problems.append("the consumer's /metrics does not serve capsule metrics")
+        except httpx.HTTPError as exc:
+            problems.append(f"the consumer's /metrics on port {port}: {type(exc).__name__}")
+    print(json.dumps({"ok": not problems, "problems": problems}))
+    return 0 if not problems else 1
+
+
 def _settings() -> Any:
     from core.config import Settings
 
@@ -525,6 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the broker is unreachable, deliver due letters in this process",
     )
     add("health", cmd_health, "print the safety nets' health as JSON; exit 1 when unhealthy")
+    p = add(
+        "exporter",
+        cmd_exporter,
+        "serve the database-backed Prometheus gauges (run one per fleet)",
+    )
+    p.add_argument("--port", type=int, default=9464)
+    p.add_argument("--addr", default=None, help="default: CAPSULE_METRICS_ADDR")
+    p = add(
+        "consumer-health",
+        cmd_consumer_health,
+        "a consumer container's healthcheck: broker reachable and its /metrics answering",
+    )
+    p.add_argument("--port", type=int, default=None, help="default: CAPSULE_METRICS_PORT")
     add(
         "rollup",
         cmd_rollup,
@@ -588,8 +646,11 @@ def _file_problem(exc: OSError) -> str:
 
 
 def _start_telemetry() -> None:
-    """Sentry, when CAPSULE_SENTRY_DSN is set, before any command runs."""
+    """Logging (CAPSULE_LOG_FORMAT, CAPSULE_LOG_LEVEL), and Sentry when CAPSULE_SENTRY_DSN is set, before any command."""
+    from core.logs import configure_logging
+
     settings = _settings()
+    configure_logging(settings, default_level="WARNING")
     if settings.sentry_dsn:
         from core.telemetry import init_sentry
 

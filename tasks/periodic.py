@@ -9,6 +9,7 @@ import socket
 
 from huey import crontab
 
+from core import metrics
 from core import rollup as rollups
 from core.policy import utcnow
 from core.reconcile import BACKSTOP, DISPATCHER, FAILED_RETRIER, run_safety_net, slot_for
@@ -20,7 +21,14 @@ RUNNER = f"{socket.gethostname()}:{os.getpid()}"
 
 def _run(kind: str) -> None:
     now = utcnow()
-    run_safety_net(get_app(), kind, now=now, runner=RUNNER, slot=slot_for(kind, now), clock=utcnow)
+    try:
+        report = run_safety_net(
+            get_app(), kind, now=now, runner=RUNNER, slot=slot_for(kind, now), clock=utcnow
+        )
+    except Exception:
+        metrics.observe_safety_net(kind, ran=True, error=True)
+        raise
+    metrics.observe_safety_net(kind, ran=report.ran, error=report.error_message is not None)
 
 
 @huey.periodic_task(crontab(minute="*"), name="capsule.dispatcher")
