@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey
-from huey.storage import SqliteStorage
 from huey.consumer_options import ConsumerConfig
+from huey.storage import SqliteStorage
 from redis import ConnectionPool
 
 from core.config import Settings
