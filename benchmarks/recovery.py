@@ -3,8 +3,9 @@ the consumers are SIGKILLed mid-burst; and that none is sent twice.
 
     wipe   N deliveries due, dispatched (ETA tasks in Redis). Right after a dispatcher run (the
            worst moment: the next one is a minute away) every key of our prefix is deleted,
-           which is what FLUSHALL takes from us. The next dispatcher run finds its marker gone
-           and dispatches everything within the horizon again.
+           which is what FLUSHALL takes from us. Each consumer's marker watch (every
+           CAPSULE_MARKER_CHECK_SECONDS) finds the marker gone and runs the dispatcher at once,
+           which dispatches everything within the horizon again.
     kill   N deliveries due at one instant; when about a third are sent, every consumer is
            SIGKILLed and restarted at once. Tasks in flight are lost with their processes (rows
            stay `processing` until the lease runs out, then the backstop recovers them); tasks
@@ -41,7 +42,7 @@ from core.db import session_scope
 from core.models import ReconcilerRun, Status
 from core.policy import utcnow
 
-TARGET_WIPE_SECONDS = 120
+TARGET_WIPE_SECONDS = 10  # issue 13: every due letter sent within 10 s of the wipe
 
 
 def _runs(bench: Bench, kind: str, since: datetime) -> list[ReconcilerRun]:
