@@ -84,6 +84,10 @@ def _outcome(bench: Bench, rows: list[Any], since: datetime) -> dict[str, Any]:
         kind: [
             {
                 "started_at": r.started_at.isoformat(),
+                "seconds": (r.finished_at - r.started_at).total_seconds()
+                if r.finished_at
+                else None,
+                "slot": r.slot.isoformat() if r.slot else None,
                 "found": r.found,
                 "requeued": r.requeued,
                 "recovered": r.recovered,
@@ -133,8 +137,14 @@ def wipe_scenario(args: Any) -> dict[str, Any]:
             keys = bench.wipe_broker()
             log(f"wiped {keys} keys ({scheduled_before} scheduled tasks) (load {load()})")
             last = _wait_all_sent(bench, args.count, args.timeout)
+            after = sorted((s - wiped_at).total_seconds() for _, s in bench.sent_times())
             result = {
                 "count": args.count,
+                "sent_after_wipe_p10_p50_p90": [
+                    after[int(q * (len(after) - 1))] for q in (0.1, 0.5, 0.9)
+                ]
+                if after
+                else None,
                 "keys_deleted": keys,
                 "tasks_lost": scheduled_before,
                 "wiped_at": wiped_at.isoformat(),

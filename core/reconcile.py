@@ -30,7 +30,7 @@ from core import alerts, health, notifications
 from core.bootstrap import App
 from core.db import session_scope
 from core.deliveries import recover_expired_lease, requeue_delivery
-from core.dispatch import Enqueuer, dispatch
+from core.dispatch import Enqueuer, dispatch, dispatch_many
 from core.errors import CapsuleError, EnqueueError
 from core.locks import single_runner
 from core.models import AUTO_RETRY_CLASSES, Delivery, ReconcilerRun, Status
@@ -97,12 +97,12 @@ def run_dispatcher(app: App, *, now: datetime, enqueuer: Enqueuer | None = None)
             rows = session.execute(query).all()
         if not rows:
             return report
-        for delivery_id, due in rows:
-            report.found += 1
-            if dispatch(app.session_factory, enqueuer, delivery_id, due, now):
-                report.requeued += 1
-            else:
-                report.errors += 1
+        report.found += len(rows)
+        enqueued, refused = dispatch_many(
+            app.session_factory, enqueuer, [(i, due) for i, due in rows], now
+        )
+        report.requeued += enqueued
+        report.errors += refused
         last = (rows[-1][1], rows[-1][0])
 
 

@@ -5,21 +5,24 @@ injected clock, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.bootstrap import App
 from core.db import session_scope
+from core.dispatch import dispatch_many
+from core.errors import EnqueueError
 from core.locks import single_runner
-from core.models import ReconcilerRun, Status
+from core.models import Delivery, ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import DISPATCHER, redispatch_if_marker_lost
 from tests.conftest import T0, RecordingEnqueuer
 from tests.harness import wait_for
 from tests.integration.test_consumers import Live, live, reconfigure  # noqa: F401  (fixture)
-from tests.integration.test_transitions import SOON, make_user, schedule
+from tests.integration.test_transitions import LATER, SOON, make_user, row, schedule
 
 LETTERS = 60
 
@@ -112,3 +115,44 @@ def test_the_marker_check_keeps_the_single_runner_rule_and_survives_a_dead_broke
     enqueuer.has_marker = down  # type: ignore[method-assign]
     assert redispatch_if_marker_lost(app, now=now, runner="w", clock=lambda: now) is None
     assert len(enqueuer.enqueued) == 1
+
+
+def test_dispatching_many_records_each_dispatch_in_one_go_and_never_over_a_newer_one(
+    app: App, enqueuer: RecordingEnqueuer
+) -> None:
+    # Given three due letters with no dispatch
+    user_id = make_user(app, credit=5)
+    ids = [schedule(app, user_id, at=LATER).delivery_id for _ in range(3)]
+    with session_scope(app.session_factory) as session:
+        session.execute(update(Delivery).values(task_id=None, dispatched_at=None))
+        session.commit()
+    # ... and a broker that refuses the second, while the third gets a retry's own dispatch
+    # between its enqueue and the bookkeeping
+    original = enqueuer.enqueue
+
+    def enqueue(delivery_id: uuid.UUID, eta: datetime) -> str:
+        if delivery_id == ids[1]:
+            raise EnqueueError(delivery_id, "refused (test)")
+        task_id = original(delivery_id, eta)
+        if delivery_id == ids[2]:
+            with session_scope(app.session_factory) as session:
+                session.execute(
+                    update(Delivery).where(Delivery.id == ids[2]).values(task_id="retry-task")
+                )
+                session.commit()
+        return task_id
+
+    enqueuer.enqueue = enqueue  # type: ignore[method-assign]
+
+    # When they are dispatched together
+    enqueued, refused = dispatch_many(
+        app.session_factory, enqueuer, [(i, LATER) for i in ids], SOON
+    )
+
+    # Then the first is recorded, the refused one is left for the next run, and the newer
+    # dispatch of the third is kept
+    assert (enqueued, refused) == (2, 1)
+    assert row(app, ids[0]).task_id == enqueuer.ids_for(ids[0])[0]
+    assert row(app, ids[0]).dispatched_at is not None
+    assert row(app, ids[1]).task_id is None
+    assert row(app, ids[2]).task_id == "retry-task"
