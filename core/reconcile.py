@@ -414,7 +414,7 @@ def _alert_missing_keys(app: App, alerter: alerts.Alerter, now: datetime) -> Non
     """Letters waiting for a key out of the keyring: one alert per window (rate limited)."""
     try:
         with session_scope(app.session_factory) as session:
-            waiting = health.waiting_for_keys(session)
+            waiting = health.waiting_for_keys(session, app.settings, now)
     except Exception as exc:  # a failed count must not stop the heartbeat
         log.error("counting letters that wait for a key failed: %s", exc)
         return

@@ -44,7 +44,7 @@ def test_health_page_names_the_missing_keys_and_how_many_letters_wait(
         s.execute(
             update(Delivery)
             .where(Delivery.letter_id.in_(ids))
-            .values(error_class=ErrorClass.MISSING_KEY)
+            .values(error_class=ErrorClass.MISSING_KEY, next_attempt_at=utcnow())
         )
         s.commit()
 
