@@ -235,7 +235,7 @@ def render() -> None:
             icon=":material/block:",
         )
     elif shown.active is not None:
-        st.error(bulk.conflict_message(shown.active), icon=":material/block:")
+        st.error(ui.text(bulk.conflict_message(shown.active)), icon=":material/block:")
     else:
         with st.expander(
             f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True
@@ -278,7 +278,9 @@ def render() -> None:
             _dry_run(flt, rate)
             st.subheader("3 · Confirm and start")
             for warning in shown.warnings:  # the single-row dialog's warnings, for named classes
-                st.warning(warning, icon=":material/warning:")
+                st.warning(
+                    warning, icon=":material/warning:"
+                )  # our own text: counts and class names
             _launch(operator, flt, shown.count, rate)
         else:
             st.caption("Run the dry run for this filter and rate before starting.")
