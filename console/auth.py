@@ -19,6 +19,7 @@ and `core.bulk` enforce it again.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,12 +136,43 @@ def sign_out() -> None:
     st.rerun()
 
 
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Any) -> str | None:
+    """The address the sign-in lockout counts: the TCP peer, or, when the peer is one of the
+    `trusted` proxies (addresses or networks), the address that proxy put last in
+    X-Forwarded-For. Streamlit reports a loopback peer as None."""
+    peer_ip = peer or "127.0.0.1"
+    if forwarded_for and isinstance(trusted, list | tuple) and _in_networks(peer_ip, trusted):
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                return peer
+    return peer
+
+
+def _in_networks(address: str, networks: Any) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for network in networks:
+        try:
+            if ip in ipaddress.ip_network(str(network), strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def _client_address() -> str | None:
     try:
-        address = st.context.ip_address
-    except Exception:  # not every runtime exposes it (tests, some proxies)
+        peer = st.context.ip_address
+        forwarded = st.context.headers.get("X-Forwarded-For")
+    except Exception:  # not every runtime exposes them (tests)
         return None
-    return str(address) if address else None
+    trusted = (_secret("console") or {}).get("trusted_proxies", [])
+    return client_address(str(peer) if peer else None, forwarded, trusted)
 
 
 def login_page() -> None:

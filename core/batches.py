@@ -68,6 +68,7 @@ _RETURNING: tuple[Any, ...] = (
     Delivery.pinned_provider,
     Delivery.error_class,
     Delivery.batch_id,
+    Delivery.deliver_at,
 )
 
 
@@ -86,6 +87,7 @@ def _claims(rows: Sequence[Any], task_id: str) -> list[Claim]:
             error_class=row.error_class,
             batch_id=row.batch_id,
             queued_task_id=getattr(row, "queued_task_id", None),
+            deliver_at=row.deliver_at,
         )
         for row in rows
     ]

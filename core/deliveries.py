@@ -429,6 +429,7 @@ class Claim:
     # call; for a recovered lease, the recovery): a lagging search is trusted only a settle
     # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
     ambiguous_at: datetime | None = None
+    deliver_at: datetime | None = None  # the user's intent: lateness is measured from it
     batch_id: uuid.UUID | None = None  # the live batch it is claimed in
     # The Huey task queued for this letter before a batch took it: revoked, best effort, so
     # that it does not run only to find nothing to claim.
@@ -474,6 +475,7 @@ def claim(
             Delivery.user_id,
             Delivery.pinned_provider,
             Delivery.error_class,
+            Delivery.deliver_at,
             Delivery.batch_id,
         )
     )
@@ -498,6 +500,7 @@ def claim(
         error_class=row.error_class,
         batch_id=row.batch_id,
         ambiguous_at=ambiguous_at,
+        deliver_at=row.deliver_at,
     )
 
 

@@ -5,7 +5,8 @@
     ├── ValidationError             bad input from a user or operator (field)
     │   ├── InvalidAddress
     │   ├── InvalidDeliveryTime
-    │   └── LetterTooLarge
+    │   ├── LetterTooLarge
+    │   └── BulkConflict            an active bulk operation covers the same rows (operation_id)
     ├── InsufficientCredit          the owner has no credit left (user_id)
     ├── NotFound                    (entity, key)
     │   ├── DeliveryNotFound        (delivery_id)
@@ -67,6 +68,14 @@ class InvalidDeliveryTime(ValidationError):
 
 class LetterTooLarge(ValidationError):
     """The letter exceeds the configured size limit."""
+
+
+class BulkConflict(ValidationError):
+    """A bulk operation still active could touch rows the new one would: one at a time."""
+
+    def __init__(self, operation_id: int, message: str) -> None:
+        self.operation_id = operation_id
+        super().__init__("filter", message)
 
 
 class InsufficientCredit(CapsuleError):

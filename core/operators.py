@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import argon2
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -240,6 +240,9 @@ class SignIn:
         return self.operator is not None
 
 
+KEEP_ATTEMPTS = timedelta(days=30)
+
+
 def _account_key(username: str) -> str:
     return username.strip().lower()[:200]
 
@@ -337,6 +340,8 @@ def sign_in(
             )
         return SignIn(None, locked_until=locked[0] if locked else None)
 
+    # The lockout looks back one window; a month of attempts is plenty to investigate from.
+    session.execute(delete(SignInAttempt).where(SignInAttempt.created_at < now - KEEP_ATTEMPTS))
     current = upgrade.password_hash if upgrade else stored
     if needs_rehash(current):
         _store_rehash(session, operator.identity, fingerprint or "", password, now)

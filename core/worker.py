@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import batches, notifications
+from core import batches, metrics, notifications
 from core.batches import Batch
 from core.bootstrap import App
 from core.db import retry_db, session_scope
@@ -293,6 +293,7 @@ def run_delivery(
     or None if there was nothing to claim."""
     work = retry_db(lambda: _claim(app, delivery_id, task_id, clock()))
     if work is None:
+        metrics.observe_run(delivery_id, task_id, None)
         log.debug("delivery %s: nothing to claim for task %s", delivery_id, task_id)
         return None
     if isinstance(work, _Batched):
@@ -301,6 +302,7 @@ def run_delivery(
     outcome = _send(app, claimed, letter, clock)
     now = clock()
     recorded = _record(app, claimed, outcome, now)
+    metrics.observe_run(delivery_id, task_id, claimed, outcome, status=recorded.status, now=now)
     _after(app, delivery_id, recorded, now, clock)
     return recorded.status
 
@@ -316,9 +318,21 @@ def _run_batch(app: App, delivery_id: uuid.UUID, work: _Batched, clock: Clock) -
     now = clock()
     recorded = _record_batch(app, work, results, now)
     own: str | None = None
-    for (claimed, _), result in zip(results, recorded, strict=True):
+    counted = False
+    for (claimed, outcome), result in zip(results, recorded, strict=True):
         if claimed.delivery_id == delivery_id:
             own = result.status
+        # every letter is a claimed run (and, if sent, a lateness); the call is one request,
+        # counted with the first letter that carries it
+        metrics.observe_run(
+            claimed.delivery_id,
+            claimed.task_id,
+            claimed,
+            outcome if not counted else dataclasses.replace(outcome, calls=[]),
+            status=result.status,
+            now=now,
+        )
+        counted = counted or bool(outcome.calls)
         _after(app, claimed.delivery_id, result, now, clock)
     log.info(
         "batch %s via %s: %d letters, %d sent%s",

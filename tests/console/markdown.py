@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 _ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
-_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 _INLINE = re.compile(r"!?\[[^\]]*\]\(")  # [text](url) and ![alt](src)
 _REFERENCE = re.compile(r"!?\[[^\]]*\]\[[^\]]*\]")
 _ANGLE = re.compile(r"<[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*>|<[^\s<>@]+@[^\s<>]+>")
@@ -19,15 +18,35 @@ _IMAGE = re.compile(r"!\[[^\]]*\]\(")
 
 
 def _spans(markdown: str) -> tuple[str, list[str]]:
-    """The text with code spans cut out (masking escapes first), and the spans' contents."""
-    masked = _ESCAPED.sub(lambda m: "\x00" + format(ord(m.group(1)), "03d"), markdown)
+    """The text with escapes masked and code spans cut out, and the spans' raw contents.
+
+    As in CommonMark: a backslash escapes ASCII punctuation outside code spans; a run of n
+    backticks opens a span closed by the next run of exactly n; nothing inside is escaped.
+    """
+    out: list[str] = []
     spans: list[str] = []
-
-    def cut(match: re.Match[str]) -> str:
-        spans.append(match.group(2).strip())
-        return "\x01"
-
-    return _CODE_SPAN.sub(cut, masked), spans
+    i = 0
+    while i < len(markdown):
+        char = markdown[i]
+        if char == "\\" and i + 1 < len(markdown) and _ESCAPED.match(markdown, i):
+            out.append("\x00" + format(ord(markdown[i + 1]), "03d"))
+            i += 2
+            continue
+        if char == "`":
+            run = len(markdown[i:]) - len(markdown[i:].lstrip("`"))
+            for closing in re.finditer(r"`+", markdown[i + run :]):
+                if len(closing.group(0)) == run:
+                    spans.append(markdown[i + run : i + run + closing.start()].strip())
+                    out.append("\x01")
+                    i += run + closing.end()
+                    break
+            else:
+                out.append("`" * run)
+                i += run
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out), spans
 
 
 def _unmask(text: str) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from core.errors import PermissionDenied, ValidationError
 from core.operators import (
@@ -21,6 +23,7 @@ from core.operators import (
     parse_role,
     require,
     secrets_entry,
+    validate_display_name,
     verify_password,
 )
 from tasks import cli
@@ -142,3 +145,43 @@ def test_cli_operator_add_prints_or_appends(
     assert run_cli(monkeypatch, bad, PASSWORD + "\n") == cli.EXIT_ERROR
     short = ["operator", "add", "vera", "--role", "viewer"]
     assert run_cli(monkeypatch, short, "short\n") == cli.EXIT_ERROR
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ada\nLovelace",
+        "Ada\x00",
+        "Ada\u202eecalevoL",  # a bidi override: shows as something else
+        "Ada\u200b",  # zero-width space
+        "A" * 201,
+    ],
+)
+def test_display_names_are_checked_at_creation(
+    monkeypatch: pytest.MonkeyPatch,
+    console_env: object,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    # Given a name with a line break, a control or invisible character, or too long
+    with pytest.raises(ValidationError):
+        validate_display_name(name)
+    # When an account or an operator is created with it
+    argv = ["user", "add", "new@example.com", "--name", name, "--credits", "1"]
+    assert run_cli(monkeypatch, argv, "") == cli.EXIT_ERROR
+    operator_argv = ["operator", "add", "newop", "--role", "ops", "--name", name]
+    assert run_cli(monkeypatch, operator_argv, PASSWORD + "\n") == cli.EXIT_ERROR
+    # Then each is refused in one line, and nothing was written
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.startswith("capsule: error: the name ")
+    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.scalar(text("select count(*) from users where email = 'new@example.com'")) == 0
+    engine.dispose()
+
+
+def test_markdown_looking_names_are_kept_as_typed() -> None:
+    # Escaping at display is the defence; a name with brackets is a valid name
+    name = "  [x](http://127.0.0.1:9/x) ![i](http://127.0.0.1:9/i.png)  "
+    assert validate_display_name(name) == name.strip()
+    assert validate_display_name("Ada Lovelace-Byron, Jr. 🙂 (née Byron)") != ""

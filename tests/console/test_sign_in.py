@@ -157,3 +157,33 @@ def test_a_replaced_secrets_entry_wins_over_the_stored_rehash(session: Session) 
     # Then the old password no longer works, the new one does
     assert not attempt(session, accounts, "olga", PASSWORD, T0 + timedelta(seconds=1)).ok
     assert attempt(session, accounts, "olga", "a brand new password", T0 + timedelta(seconds=2)).ok
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "trusted", "expected"),
+    [
+        ("203.0.113.9", None, [], "203.0.113.9"),  # no proxy: the TCP peer
+        ("203.0.113.9", "10.9.9.9", [], "203.0.113.9"),  # an untrusted peer cannot pick one
+        ("172.18.0.5", "198.51.100.7", ["172.16.0.0/12"], "198.51.100.7"),
+        ("172.18.0.5", "1.1.1.1, 198.51.100.7", ["172.16.0.0/12"], "198.51.100.7"),  # last hop
+        ("172.18.0.5", "not-an-ip", ["172.16.0.0/12"], "172.18.0.5"),
+        (None, "198.51.100.7", ["127.0.0.1"], "198.51.100.7"),  # a proxy on this machine
+        (None, "198.51.100.7", [], None),
+    ],
+)
+def test_the_client_address_behind_a_trusted_proxy(
+    peer: str | None, forwarded: str | None, trusted: list[str], expected: str | None
+) -> None:
+    from console.auth import client_address
+
+    assert client_address(peer, forwarded, trusted) == expected
+
+
+def test_a_success_prunes_attempts_older_than_a_month(
+    session: Session, accounts: dict[str, Any]
+) -> None:
+    attempt(session, accounts, "sam", "wrong", T0 - timedelta(days=31))
+    attempt(session, accounts, "sam", "wrong", T0 - timedelta(days=29))
+    assert attempt(session, accounts, "olga", PASSWORD, T0).ok
+    kept = session.scalars(select(SignInAttempt.created_at).order_by(SignInAttempt.id)).all()
+    assert kept == [T0 - timedelta(days=29), T0]

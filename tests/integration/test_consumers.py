@@ -7,7 +7,6 @@ minute boundaries; they measure, they do not sleep to fake time.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -414,11 +413,11 @@ def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: Live) 
 
     # Given letters that came due while the broker was down (no task was ever queued)
     live.app.enqueuer = _DeadBroker()
-    start = utcnow()
+    # (scheduled two seconds ago for one second ago: due now on the CLI's real clock)
+    start = utcnow() - timedelta(seconds=2)
     ids = [live.schedule(start + timedelta(seconds=1), now=start) for _ in range(5)]
     later = live.schedule(start + timedelta(days=3), now=start)
     assert all(row.task_id is None for row in live.rows())
-    time.sleep(1.1)  # until they are due in real time: the CLI reads the real clock
 
     # When the CLI runs with Redis unreachable
     live.system.redis_url = f"redis://127.0.0.1:{free_port()}/0"

@@ -239,6 +239,26 @@ def test_compose_services_wait_on_healthy_dependencies() -> None:
         assert healthy_dependency or not service.get("depends_on"), name
 
 
+def test_proxy_profile_serves_the_console_over_tls_unframeable() -> None:
+    """The `proxy` profile: Caddy in front of the console with deploy/Caddyfile, off by default."""
+    services = load_compose()["services"]
+    proxy, console = services["proxy"], services["console"]
+    assert proxy["profiles"] == ["proxy"]  # `docker compose up` alone does not start it
+    assert proxy["image"].startswith("caddy:2")
+    assert proxy["depends_on"]["console"]["condition"] == "service_healthy"
+    assert {"80:80", "443:443"} <= {str(p) for p in proxy["ports"]}
+    mount = next(v for v in proxy["volumes"] if v.endswith(":/etc/caddy/Caddyfile:ro"))
+    caddyfile = (ROOT / mount.split(":")[0]).read_text()
+    # Clickjacking: both the CSP directive and the legacy header, on every response
+    assert "Content-Security-Policy \"frame-ancestors 'none'\"" in caddyfile
+    assert 'X-Frame-Options "DENY"' in caddyfile
+    assert "Strict-Transport-Security" in caddyfile
+    port = console["command"][console["command"].index("--server.port") + 1]
+    assert f"reverse_proxy console:{port}" in caddyfile
+    assert "{$CONSOLE_DOMAIN:localhost}" in caddyfile
+    assert proxy["environment"]["CONSOLE_DOMAIN"].startswith("${CONSOLE_DOMAIN")
+
+
 def test_consumer_is_scalable_and_runs_with_deliberate_flags() -> None:
     services = load_compose()["services"]
     consumer = services["consumer"]

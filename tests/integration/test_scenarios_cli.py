@@ -178,3 +178,22 @@ def test_health_fails_and_names_the_count_when_too_many_rows_are_stuck(cli: Cli)
     assert report["ok"] is False
     assert (report["stuck_unclaimed"], report["stuck_processing"]) == (1, 1)
     assert report["problems"] == ["2 stuck deliveries (limit 1)"]
+
+
+def test_offsets_either_side_of_a_dst_change_are_exact_and_a_zone_name_is_refused(cli: Cli) -> None:
+    # Times are taken with an offset, not a zone: the same Berlin wall-clock hour before and
+    # after the spring change (30 March 2031) is written with the offset in force that day
+    before = cli.schedule("2031-03-29T09:00+01:00")
+    after = cli.schedule("2031-03-30T09:00+02:00")
+    shown = {i: json.loads(cli.ok("status", i))["deliver_at"] for i in (before, after)}
+    assert shown == {before: "2031-03-29T08:00:00+00:00", after: "2031-03-30T07:00:00+00:00"}
+
+    # A zone name cannot be read: one line, exit 2, nothing written
+    refused = cli(
+        "schedule",
+        *("--user", "ada@example.com", "--to", "me@example.com"),
+        *("--at", "2031-03-30T09:00[Europe/Berlin]", "--subject", "Hi", "--body", "b"),
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "cannot read" in refused.stderr
+    assert len(cli.rows()) == 2

@@ -14,12 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from core.crypto import Keyring
 from core.db import session_scope
 from core.models import AuditEvent, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
+from core.reconcile import run_backstop
 from tests.fakes.provider_server import FakeProviderServer
 from tests.harness import Consumer, wait_for
 from tests.integration.scenario_world import Postgres, World
@@ -115,8 +116,8 @@ def test_connections_dropped_between_the_send_and_the_record(
 ) -> None:
     consumer = start_consumer(world, postgres)
 
-    # Given the provider accepts the letter and then answers only after 3 s
-    world.server.set_faults("resend", ["stall:3"])
+    # Given the provider accepts the letter and then answers only after 5 s
+    world.server.set_faults("resend", ["stall:5"])
     delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
     wait_for(
         lambda: len(world.server.messages()) == 1,
@@ -141,8 +142,8 @@ def test_connection_dropped_while_the_record_waits_on_a_lock(
 ) -> None:
     consumer = start_consumer(world, postgres)
 
-    # Given the provider accepts the letter and then answers only after 2 s
-    world.server.set_faults("resend", ["stall:2"])
+    # Given the provider accepts the letter and then answers only after 4 s
+    world.server.set_faults("resend", ["stall:4"])
     delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
     wait_for(
         lambda: len(world.server.messages()) == 1,
@@ -180,3 +181,76 @@ def test_connection_dropped_while_the_record_waits_on_a_lock(
     wait_for(lambda: world.count(Status.SENT) == 1, timeout=30, what="the outcome recorded")
     assert_sent_exactly_once(world, delivery_id)
     assert consumer.alive
+
+
+@pytest.fixture
+def postmark_world(
+    pg_database: str,
+    redis_url: str,
+    redis_prefix: str,
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    keyring: Keyring,
+) -> Iterator[World]:
+    world = World.open(
+        pg_database,
+        redis_url,
+        redis_prefix,
+        provider_server,
+        tmp_path / "var",
+        keyring,
+        CAPSULE_PROVIDERS="postmark",
+        CAPSULE_PROVIDER_READ_TIMEOUT="20",
+        CAPSULE_LEASE_SECONDS="12",
+    )
+    world.app.enqueuer.set_marker()
+    yield world
+    world.close()
+
+
+def test_database_lost_for_the_whole_record_the_backstop_rerun_looks_first_and_sends_nothing(
+    postmark_world: World,
+) -> None:
+    world = postmark_world
+    postgres = Postgres(world.database)
+    consumer = start_consumer(world, postgres)
+    allow = 'ALTER DATABASE "{db}" WITH ALLOW_CONNECTIONS {flag}'
+
+    # Given Postmark (no idempotency key: it can only be asked) accepts the letter, then stalls
+    world.server.set_faults("postmark", ["stall:4"])
+    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
+    wait_for(
+        lambda: len(world.server.messages()) == 1,
+        timeout=30,
+        interval=0.05,
+        what="the provider to accept the letter",
+    )
+    try:
+        # When PostgreSQL drops the consumer and takes no new connection until its run gave up
+        with postgres.admin.connect() as conn:
+            conn.execute(text(allow.format(db=world.database, flag="false")))
+        postgres.terminate(postgres.consumer_backends())
+        wait_for(
+            lambda: "Unhandled exception in task" in consumer.log(),
+            timeout=60,
+            what="the run to fail to record its outcome",
+        )
+    finally:
+        with postgres.admin.connect() as conn:
+            conn.execute(text(allow.format(db=world.database, flag="true")))
+
+    # Then the provider accepted and the database failed in the same run: still processing
+    stuck = world.row(delivery_id)
+    assert stuck.status == Status.PROCESSING and stuck.lease_until is not None
+    assert consumer.alive
+
+    # When the lease has run out and the backstop re-dispatches it to the consumer
+    wait_for(lambda: utcnow() > stuck.lease_until, timeout=30, what="the lease to run out")
+    assert run_backstop(world.app, now=utcnow()).recovered == 1
+    wait_for(lambda: world.count(Status.SENT) == 1, timeout=30, what="the re-run recorded")
+
+    # Then the re-run found the message at Postmark and sent nothing: one request, ever
+    row = world.row(delivery_id)
+    assert row.status == Status.SENT and world.server.count_for_key(row.idempotency_key) == 1
+    assert world.requests("postmark") == 1, world.server.stats()
+    postgres.close()

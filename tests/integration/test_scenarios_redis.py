@@ -53,13 +53,13 @@ def test_a_canceled_letters_eta_task_is_revoked_in_redis_and_never_runs(world: W
 
     # Given two letters due in a few seconds, each with its ETA task in Redis's schedule (the
     # consumer takes an ETA task from the queue and parks it in the schedule until it is due)
-    due = utcnow() + timedelta(seconds=6)
+    due = utcnow() + timedelta(seconds=10)
     canceled, control = world.schedule(due), world.schedule(due)
     task_id, control_task = world.row(canceled).task_id, world.row(control).task_id
     assert task_id and control_task
     wait_for(
         lambda: {t.id for t in world.queue.scheduled()} == {task_id, control_task},
-        timeout=5,
+        timeout=8,
         interval=0.05,
         what="both ETA tasks in Redis's schedule",
     )
