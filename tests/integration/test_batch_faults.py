@@ -387,3 +387,21 @@ def test_a_letter_waiting_for_its_batch_replay_cannot_be_canceled_or_moved(
             actor="ada",
         )
     assert row(app, ids[1]).status == Status.SCHEDULED
+
+
+def test_a_batch_is_one_provider_request_and_every_letter_a_claimed_run_in_the_metrics(
+    resend_world: App, provider_server: FakeProviderServer
+) -> None:
+    from core import metrics
+
+    def value(counter: object, *labels: str) -> float:
+        return float(counter.labels(*labels)._value.get())  # type: ignore[attr-defined]
+
+    ids = due_letters(resend_world, 5)
+    requests = value(metrics.PROVIDER_REQUESTS, "resend", "accepted")
+    claims = value(metrics.CLAIMS, "claimed")
+
+    run_delivery(resend_world, ids[0], "t1", clock=lambda: AT_DUE)
+
+    assert value(metrics.PROVIDER_REQUESTS, "resend", "accepted") - requests == 1
+    assert value(metrics.CLAIMS, "claimed") - claims == 5
