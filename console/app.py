@@ -28,6 +28,8 @@ if operator is None:
     st.navigation([st.Page(auth.login_page, title="Sign in", icon=":material/login:")]).run()
 else:
     auth.sidebar(operator)
+    with st.sidebar:
+        ui.time_toggle()
     auth.demo_banner(operator)
     pages = {
         "Monitor": [
