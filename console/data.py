@@ -208,20 +208,21 @@ def write_failed_csv(
     return rows
 
 
-def failed_csv(flt: FailedFilter) -> Callable[[], BinaryIO]:
-    """For st.download_button: builds the export when clicked (on Streamlit's download
-    thread, without the page's context) into a temporary file that spills to disk."""
+def failed_csv(flt: FailedFilter) -> Callable[[], bytes]:
+    """For st.download_button: builds the export when clicked, on Streamlit's download thread
+    (without the page's context). Rows are read and written a chunk at a time into a
+    temporary file that spills to disk; Streamlit then serves the file's bytes."""
     session_factory = get_app().session_factory
 
-    def build() -> BinaryIO:
-        spool = tempfile.SpooledTemporaryFile(max_size=EXPORT_SPOOL_BYTES)  # noqa: SIM115
-        text = io.TextIOWrapper(spool, encoding="utf-8", newline="")
-        rows = write_failed_csv(session_factory, flt, text, now=utcnow())
-        text.flush()
-        text.detach()
-        spool.seek(0)
-        log.info("triage export: %d rows", rows)
-        return cast(BinaryIO, spool)
+    def build() -> bytes:
+        with tempfile.SpooledTemporaryFile(max_size=EXPORT_SPOOL_BYTES) as spool:
+            text = io.TextIOWrapper(cast(BinaryIO, spool), encoding="utf-8", newline="")
+            rows = write_failed_csv(session_factory, flt, text, now=utcnow())
+            text.flush()
+            text.detach()
+            spool.seek(0)
+            log.info("triage export: %d rows", rows)
+            return spool.read()
 
     return build
 

@@ -158,6 +158,7 @@ def detail_links(ids: pd.Series) -> pd.Series:
 
 # Triage and the bulk page's sample show failed deliveries with the same columns and names.
 FAILED_ORDER = [
+    "link",
     "failed_at",
     "error_class",
     "provider",
@@ -167,7 +168,6 @@ FAILED_ORDER = [
     "owner_email",
     "attempts",
     "notified",
-    "link",
 ]
 
 

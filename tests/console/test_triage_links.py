@@ -158,7 +158,7 @@ def test_export_writes_the_whole_filtered_set(console_env: Seams, engine: Engine
     console.data.EXPORT_CHUNK = 7  # several chunks, the last one partial
     try:
         build = console.data.failed_csv(flt)
-        rows = list(csv.reader(io.TextIOWrapper(build(), encoding="utf-8", newline="")))
+        rows = list(csv.reader(io.StringIO(build().decode("utf-8"), newline="")))
     finally:
         console.data.EXPORT_CHUNK = 1000
     assert rows[0] == console.data.CSV_COLUMNS
