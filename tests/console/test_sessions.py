@@ -147,9 +147,9 @@ def test_a_session_ends_when_the_password_is_replaced(
     console: Runner, password_hash: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = sign_in(console(), "olga", PASSWORD).session_state["_session_token"]
-    import console.auth
+    import console.auth as console_auth
 
-    monkeypatch.setattr(console.auth, "browser_token", lambda: token)
+    monkeypatch.setattr(console_auth, "browser_token", lambda: token)
     at = AppTest.from_file(ENTRY, default_timeout=30)
     at.secrets["operators"] = accounts(password_hash)
     at.secrets["operators"]["olga"]["password_hash"] = hash_password("another password entirely")

@@ -9,9 +9,11 @@ import io
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from sqlalchemy import Engine, create_engine, update
+from streamlit.testing.v1 import AppTest
 
 from core import queries
 from core.db import make_session_factory, session_scope
@@ -31,7 +33,9 @@ def engine(console_env: Seams) -> Iterator[Engine]:
     engine.dispose()
 
 
-def failed(engine: Engine, flt: FailedFilter, *, limit: int = 500, after=None) -> list[str]:  # type: ignore[no-untyped-def]
+def failed(
+    engine: Engine, flt: FailedFilter, *, limit: int = 500, after: FailedCursor | None = None
+) -> list[str]:
     with session_scope(make_session_factory(engine)) as s:
         return queries.failed_deliveries(s, flt, limit=limit, after=after)["id"].tolist()
 
@@ -41,14 +45,14 @@ def count(engine: Engine, flt: FailedFilter) -> int:
         return queries.failed_count(s, flt)
 
 
-def texts(at) -> str:  # type: ignore[no-untyped-def]
+def texts(at: AppTest) -> str:
     return "\n".join(plain(str(p)) for p in markdown_values(at))
 
 
-def open_link(password_hash: str, query: dict[str, str | list[str]], page: str = "triage"):  # type: ignore[no-untyped-def]
+def open_link(
+    password_hash: str, query: dict[str, str | list[str]], page: str = "triage"
+) -> AppTest:
     """A signed-in support operator opening a pasted link: the page's URL with its query."""
-    from streamlit.testing.v1 import AppTest
-
     at = AppTest.from_file(ENTRY, default_timeout=30)
     at.secrets["operators"] = accounts(password_hash)
     at.session_state["_operator"] = SUPPORT
@@ -129,7 +133,7 @@ def test_pages_through_the_whole_set(console: Runner, engine: Engine) -> None:
     assert at.dataframe[0].value["id"].tolist() == first
 
 
-def _last(engine: Engine, delivery_id: str) -> tuple[object, uuid.UUID]:
+def _last(engine: Engine, delivery_id: str) -> tuple[datetime, uuid.UUID]:
     with session_scope(make_session_factory(engine)) as s:
         row = s.get(Delivery, uuid.UUID(delivery_id))
         assert row is not None and row.failed_at is not None
