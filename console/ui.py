@@ -116,6 +116,17 @@ def time_toggle() -> None:
     )
 
 
+def zoned(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """`frame` with its UTC time `columns` converted to the display zone (for charts, whose
+    axes show wall-clock time)."""
+    zone = display_zone()
+    if zone == "UTC" or frame.empty:
+        return frame
+    return frame.assign(
+        **{c: pd.to_datetime(frame[c], utc=True).dt.tz_convert(zone) for c in columns}
+    )
+
+
 def when(moment: datetime | pd.Timestamp | None) -> str:
     """A moment as text in the display zone, with the zone's abbreviation (UTC by default)."""
     if moment is None or pd.isna(moment):

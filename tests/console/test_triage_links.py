@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -230,3 +231,15 @@ def test_times_in_the_readers_zone_when_asked(console: Runner) -> None:
     assert checked and checked[0].endswith(" IST")
     columns = at.dataframe[-1].proto.columns
     assert "Started (Asia/Kolkata)" in columns and '"timezone": "Asia/Kolkata"' in columns
+
+
+def test_overview_charts_follow_the_readers_zone(console: Runner) -> None:
+    at = console(SUPPORT)
+    at.context["timezone"] = "Asia/Kolkata"
+    at.run()
+    assert any("chart times in UTC" in c.value for c in at.caption)
+    at.toggle(key="show_local_time").set_value(True).run()
+    assert any("chart times in Asia/Kolkata" in c.value for c in at.caption)
+    specs = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    # hourly UTC buckets, drawn at Kolkata's wall-clock time (UTC+05:30)
+    assert re.search(r'"x":\["\d{4}-\d\d-\d\dT\d\d:30:00', specs)
