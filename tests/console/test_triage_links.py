@@ -1,6 +1,7 @@
 """Triage as support shares and works it: the filter in the URL, pages through the whole set,
-the whole set as CSV, a search that says when it stopped, links to the detail page, and the
-reader's time zone, through AppTest on a seeded SQLite database."""
+the whole set as CSV, a search that says when it stopped, links to the detail page, the
+reader's time zone, and half-open circuits on the health page, through AppTest on a seeded
+SQLite database."""
 
 from __future__ import annotations
 
@@ -243,3 +244,34 @@ def test_overview_charts_follow_the_readers_zone(console: Runner) -> None:
     specs = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
     # hourly UTC buckets, drawn at Kolkata's wall-clock time (UTC+05:30)
     assert re.search(r'"x":\["\d{4}-\d\d-\d\dT\d\d:30:00', specs)
+
+
+def test_health_shows_half_open_circuits(console: Runner, engine: Engine) -> None:
+    from datetime import timedelta
+
+    from core.models import ProviderState
+    from core.policy import utcnow
+
+    now = utcnow()
+    with session_scope(make_session_factory(engine)) as s:
+        s.add_all(
+            [
+                ProviderState(
+                    provider="resend",
+                    consecutive_failures=5,
+                    opened_until=now - timedelta(seconds=5),
+                    updated_at=now,
+                ),
+                ProviderState(
+                    provider="postmark",
+                    consecutive_failures=5,
+                    opened_until=now + timedelta(minutes=5),
+                    updated_at=now,
+                ),
+            ]
+        )
+        s.commit()
+    at = console(SUPPORT, page="health")
+    circuits = next(d.value for d in at.dataframe if "circuit" in d.value.columns)
+    shown = dict(zip(circuits["provider"], circuits["circuit"], strict=True))
+    assert shown == {"postmark": "🔴 open", "resend": "🟡 half-open (one trial call may run)"}
