@@ -186,7 +186,10 @@ def _stuck_table() -> None:
 
 def render() -> None:
     auth.require_operator()
-    ui.header("Overview", "Deliveries right now and over time. All times UTC.")
+    ui.header(
+        "Overview",
+        "Deliveries right now and over time. Times in UTC unless the sidebar switch shows your zone.",
+    )
     controls = st.columns([3, 2, 5], vertical_alignment="bottom")
     with controls[0]:
         window = st.segmented_control(
