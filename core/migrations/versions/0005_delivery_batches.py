@@ -6,7 +6,7 @@ change on PostgreSQL (no table rewrite); the new index on `deliveries.batch_id` 
 CREATE INDEX (a write lock while it builds, about a second per million rows).
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0007
 Create Date: 2026-12-01 15:45:00
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 import core.models
 
 revision: str = "0005"
-down_revision: str | None = "0004"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
