@@ -299,7 +299,8 @@ class ProviderChain:
             )
         except Exception as exc:
             log.exception("batch via %s raised unexpectedly", name)
-            error = AmbiguousProviderError(name, f"unexpected {type(exc).__name__}: {exc}")
+            # The type only: the text of an error we did not write may quote the letter.
+            error = AmbiguousProviderError(name, f"unexpected {type(exc).__name__}")
             run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
             self._count(provider.name, error, run)
             return self._batch_failed(run, error, len(emails), replay=replay, provider=provider)
@@ -493,7 +494,8 @@ class ProviderChain:
         except Exception as exc:
             # A bug or an unexpected library error: we cannot know whether it went out.
             log.exception("send via %s raised unexpectedly", provider.name)
-            error = AmbiguousProviderError(provider.name, f"unexpected {type(exc).__name__}: {exc}")
+            # The type only: the text of an error we did not write may quote the letter.
+            error = AmbiguousProviderError(provider.name, f"unexpected {type(exc).__name__}")
             run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
             self._count(provider.name, error, run)
             return error
