@@ -137,9 +137,11 @@ class CryptoError(CapsuleError):
 class UnknownKeyId(CryptoError):
     """The ciphertext names a key that is not in the keyring."""
 
+    PREFIX = "encryption key "  # how its message starts (last_error is matched on it)
+
     def __init__(self, key_id: str) -> None:
         self.key_id = key_id
-        super().__init__(f"encryption key {key_id!r} is not in the keyring")
+        super().__init__(f"{self.PREFIX}{key_id!r} is not in the keyring")
 
 
 class DecryptionFailed(CryptoError):

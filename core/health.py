@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
+from core.errors import UnknownKeyId
 from core.models import Delivery, ErrorClass, Letter, ReconcilerRun, Status
 
 
@@ -65,7 +66,14 @@ def waiting_for_keys(session: Session, settings: Settings, now: datetime) -> dic
         .where(
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= bound,
-            Delivery.error_class == ErrorClass.MISSING_KEY,
+            or_(
+                Delivery.error_class == ErrorClass.MISSING_KEY,
+                # one whose earlier run died mid-send keeps lease_expired (core.worker)
+                and_(
+                    Delivery.error_class == ErrorClass.LEASE_EXPIRED,
+                    Delivery.last_error.like(f"{UnknownKeyId.PREFIX}%"),
+                ),
+            ),
         )
         .group_by(Letter.key_id)
         .order_by(Letter.key_id)

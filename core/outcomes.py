@@ -62,6 +62,8 @@ class Outcome:
     final: bool = False
     # The letter stays in its live batch: its retry repeats the batch's call, same key.
     keep_batch: bool = False
+    # The letter's encryption key is not in the keyring: it waits, spending no attempt.
+    waits_for_key: bool = False
 
     @property
     def sent(self) -> bool:
@@ -108,7 +110,7 @@ def decide(
     if outcome.deferred and outcome.error_class in DEFERRABLE and not outcome.final:
         spread = settings.backoff_base_seconds if defer_spread is None else defer_spread
         delay = deferral_seconds(outcome.retry_after, spread=spread, rng=rng)
-        uncounted = outcome.error_class == ErrorClass.MISSING_KEY and not outcome.calls
+        uncounted = outcome.waits_for_key and not outcome.calls
         return Decision(DEFER, now + timedelta(seconds=delay), outcome.error_class, uncounted)
     if (
         outcome.error_class in RETRYABLE

@@ -58,10 +58,13 @@ class _Batched:
 def _missing_key(app: App, claimed: Claim, exc: UnknownKeyId, *, replay: bool = False) -> Outcome:
     # A configuration problem, not the letter's: it waits for the key, spending nothing,
     # and keeps its pin (a pinned letter may have reached its provider already). A member of
-    # a batch being replayed stays in it: its first call may have carried the letter.
+    # a batch being replayed stays in it: its first call may have carried the letter. A letter
+    # whose earlier run died mid-send keeps that mark, so its next run still looks first.
+    unknown = claimed.error_class == ErrorClass.LEASE_EXPIRED and claimed.pinned_provider is None
     return Outcome(
-        error_class=ErrorClass.MISSING_KEY,
-        error=str(exc),
+        error_class=ErrorClass.LEASE_EXPIRED if unknown else ErrorClass.MISSING_KEY,
+        error=f"{exc}; the earlier run's outcome is unknown" if unknown else str(exc),
+        waits_for_key=True,
         deferred=True,
         retry_after=app.settings.missing_key_retry_seconds,
         pinned_provider=claimed.pinned_provider,

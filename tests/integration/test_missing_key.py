@@ -165,3 +165,31 @@ def test_the_missing_key_wait_is_a_setting(apps: tuple[App, App]) -> None:
     now = utcnow()
     run_delivery(lost, delivery_id, f"t-{uuid.uuid4().hex}", clock=lambda: now)
     assert row(full, delivery_id).next_attempt_at >= now + timedelta(seconds=7200)
+
+
+def test_a_letter_whose_earlier_run_died_mid_send_still_looks_first_after_waiting_for_its_key(
+    apps: tuple[App, App],
+) -> None:
+    # Given a letter whose earlier run died mid-send (its lease was recovered: the provider may
+    # hold it), and a worker whose keyring lost the letter's key
+    full, lost = apps
+    delivery_id = due_now(full)
+    with session_scope(full.session_factory) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id)
+            .values(error_class=ErrorClass.LEASE_EXPIRED)
+        )
+        session.commit()
+    now = utcnow()
+
+    # When that worker runs it
+    assert run_delivery(lost, delivery_id, "t1", clock=lambda: now) == Status.SCHEDULED
+
+    # Then it waits for the key and keeps the unknown outcome, so its next run asks the
+    # providers before sending anywhere (never a failover that could send it twice)
+    stored = row(full, delivery_id)
+    assert stored.error_class == ErrorClass.LEASE_EXPIRED
+    assert stored.attempt_count == 0
+    with session_scope(full.session_factory) as session:
+        assert health.waiting_for_keys(session, full.settings, now) == {"test1": 1}
