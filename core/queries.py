@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from core.models import (
+    AFTER_SENT,
     Alert,
     AuditEvent,
     BulkOperation,
@@ -129,6 +130,12 @@ def _is(status: Status) -> ColumnElement[bool]:
     return Delivery.status == literal(status.value, literal_execute=True)
 
 
+def _after_sent() -> ColumnElement[bool]:
+    """Accepted by a provider (sent, delivered, bounced, complained), as literals so the
+    planner matches ix_deliveries_sent's predicate."""
+    return Delivery.status.in_([literal(s.value, literal_execute=True) for s in AFTER_SENT])
+
+
 def _count(*where: ColumnElement[bool]) -> Any:
     return select(func.count()).select_from(Delivery).where(*where).scalar_subquery()
 
@@ -174,7 +181,7 @@ def tiles(
                 Delivery.next_attempt_at < now + timedelta(hours=1),
             ),
             _count(processing),
-            _count(_is(Status.SENT), Delivery.sent_at >= now - timedelta(hours=24)),
+            _count(_after_sent(), Delivery.sent_at >= now - timedelta(hours=24)),
             _count(_is(Status.FAILED)),
             _count(scheduled, Delivery.next_attempt_at < now - timedelta(seconds=grace_seconds)),
             _count(processing, Delivery.lease_until < now),
@@ -202,9 +209,10 @@ def status_counts(
 ) -> pd.DataFrame:
     """Deliveries per status: status, count, scope.
 
-    The open states (scheduled, processing, failed) are counted whole; the terminal ones (sent,
-    canceled) only when they ended within `window`: an all-time count of sent rows grows with
-    every letter ever sent and would be the one full scan of the overview. Scheduled is
+    The open states (scheduled, processing, failed, held) are counted whole; the terminal ones
+    only within `window` (sent, delivered, bounced, complained by when they were sent; canceled
+    by when it ended): an all-time count of sent rows grows with every letter ever sent and
+    would be the one full scan of the overview. Scheduled is
     `scheduled_count` (scope "estimate" when it is one).
     """
     since = now - window
@@ -214,10 +222,15 @@ def status_counts(
             _count(_is(Status.SENT), Delivery.sent_at >= since),
             _count(_is(Status.FAILED)),
             _count(_is(Status.CANCELED), Delivery.updated_at >= since),
+            _count(_is(Status.DELIVERED), Delivery.sent_at >= since),
+            _count(_is(Status.BOUNCED), Delivery.sent_at >= since),
+            _count(_is(Status.COMPLAINED), Delivery.sent_at >= since),
+            _count(_is(Status.HELD)),
         )
     ).one()
     waiting, estimated = scheduled_count(session, exact_up_to=exact_up_to)
     scopes = ["estimate" if estimated else "now", "now", "in window", "now", "in window"]
+    scopes += ["in window", "in window", "in window", "now"]
     return pd.DataFrame(
         {
             "status": [s.value for s in Status],
@@ -237,7 +250,7 @@ def _interpolate(n: int, p: float, lower: float | None, upper: float | None) -> 
 
 
 def _sent_in(since: datetime, until: datetime | None) -> list[ColumnElement[bool]]:
-    bounds = [_is(Status.SENT), Delivery.sent_at >= since]
+    bounds = [_after_sent(), Delivery.sent_at >= since]
     return bounds if until is None else [*bounds, Delivery.sent_at < until]
 
 
@@ -370,7 +383,7 @@ def reconciliation_series(
     sent_bucket = _bucket_expr(session, Delivery.sent_at, bucket).label("bucket")
     sent = session.execute(
         select(sent_bucket, func.count())
-        .where(_is(Status.SENT), Delivery.sent_at >= since)
+        .where(_after_sent(), Delivery.sent_at >= since)
         .group_by(sent_bucket)
     ).all()
     run_frame = _reindex(
