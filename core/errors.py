@@ -5,7 +5,8 @@
     ├── ValidationError             bad input from a user or operator (field)
     │   ├── InvalidAddress
     │   ├── InvalidDeliveryTime
-    │   └── LetterTooLarge
+    │   ├── LetterTooLarge
+    │   └── WebhookPayloadError     a verified webhook whose body we cannot read
     ├── InsufficientCredit          the owner has no credit left (user_id)
     ├── NotFound                    (entity, key)
     │   ├── DeliveryNotFound        (delivery_id)
@@ -67,6 +68,13 @@ class InvalidDeliveryTime(ValidationError):
 
 class LetterTooLarge(ValidationError):
     """The letter exceeds the configured size limit."""
+
+
+class WebhookPayloadError(ValidationError):
+    """A provider's webhook body lacks what an event needs (type, message id, event id)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("payload", message)
 
 
 class InsufficientCredit(CapsuleError):
