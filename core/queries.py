@@ -54,6 +54,7 @@ from core.models import (
     SentRollup,
     Status,
     User,
+    WebhookEvent,
 )
 
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -696,6 +697,11 @@ class DeliveryDetail:
     attempts: pd.DataFrame = field(repr=False)
     audit: pd.DataFrame = field(repr=False)
     notifications: pd.DataFrame = field(repr=False)
+    # after sent: what the provider's webhooks said (core.webhooks), and a hold
+    bounce_kind: str | None = None
+    reported_at: datetime | None = None
+    held_at: datetime | None = None
+    provider_events: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     @property
     def lateness_seconds(self) -> float | None:
@@ -798,6 +804,25 @@ def delivery_detail(
             CreditEntry.delivery_id == delivery_id
         )
     )
+    events = _frame(
+        session.execute(
+            select(
+                WebhookEvent.occurred_at,
+                WebhookEvent.received_at,
+                WebhookEvent.provider,
+                WebhookEvent.type,
+                WebhookEvent.bounce_kind,
+                WebhookEvent.outcome,
+                WebhookEvent.event_id,
+            )
+            .where(WebhookEvent.delivery_id == delivery_id)
+            .order_by(WebhookEvent.id)
+            .limit(limit)
+        ).all(),
+        ["occurred_at", "received_at", "provider", "type", "bounce_kind", "outcome", "event_id"],
+    )
+    for column in ("occurred_at", "received_at"):
+        events[column] = pd.to_datetime(events[column], utc=True)
     return DeliveryDetail(
         id=str(d.id),
         status=d.status,
@@ -826,7 +851,54 @@ def delivery_detail(
         attempts=attempts,
         audit=audit,
         notifications=notes,
+        bounce_kind=d.bounce_kind,
+        reported_at=d.reported_at,
+        held_at=d.held_at,
+        provider_events=events,
     )
+
+
+AFTER_SEND_PROBLEMS = (Status.BOUNCED, Status.COMPLAINED, Status.HELD)
+
+
+def bounced_after_send(session: Session, *, limit: int = 200) -> pd.DataFrame:
+    """Letters the provider accepted that bounced or drew a complaint, and letters held for a
+    suppressed address, newest change first (ix_deliveries_status_updated)."""
+    rows = session.execute(
+        select(
+            Delivery.updated_at,
+            Delivery.status,
+            Delivery.bounce_kind,
+            Delivery.recipient_email,
+            User.email,
+            Delivery.provider,
+            Delivery.sent_at,
+            Delivery.reported_at,
+            Delivery.held_at,
+            Delivery.id,
+        )
+        .join(User, User.id == Delivery.user_id)
+        .where(Delivery.status.in_([s.value for s in AFTER_SEND_PROBLEMS]))
+        .order_by(Delivery.updated_at.desc())
+        .limit(min(limit, MAX_ROWS))
+    ).all()
+    columns = [
+        "updated_at",
+        "status",
+        "bounce_kind",
+        "recipient_email",
+        "owner_email",
+        "provider",
+        "sent_at",
+        "reported_at",
+        "held_at",
+        "id",
+    ]
+    frame = _frame(rows, columns)
+    for column in ("updated_at", "sent_at", "reported_at", "held_at"):
+        frame[column] = pd.to_datetime(frame[column], utc=True)
+    frame["id"] = frame["id"].astype(str)
+    return frame
 
 
 def deliveries_for_address(session: Session, email: str, *, limit: int = 50) -> pd.DataFrame:

@@ -93,9 +93,18 @@ def _summary(d: DeliveryDetail) -> None:
             ("Credit held", d.credit_held),
             ("Created / updated", f"{ui.when(d.created_at)} / {ui.when(d.updated_at)}"),
             ("Row version", d.version),
+            ("Bounce", d.bounce_kind),
+            ("Provider reported at", ui.when(d.reported_at)),
+            ("Held at", ui.when(d.held_at)),
         ],
         columns=3,
     )
+    if d.status == "held":
+        st.warning(
+            "Held: the recipient address is on the suppression list. Release it with "
+            f"{ui.code('capsule release ' + d.id + ' --reason …')}, or cancel it.",
+            icon=":material/pause_circle:",
+        )
 
 
 def _timeline(d: DeliveryDetail) -> None:
@@ -128,6 +137,22 @@ def _timeline(d: DeliveryDetail) -> None:
     )
 
 
+def _provider_events(d: DeliveryDetail) -> None:
+    """After sent: what the provider's webhooks reported (delivered, bounced, complained)."""
+    if d.provider_events.empty:
+        return
+    st.subheader("Provider events")
+    st.dataframe(
+        d.provider_events,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "occurred_at": ui.time_column("At the provider"),
+            "received_at": ui.time_column("Received"),
+        },
+    )
+
+
 def render() -> None:
     operator = auth.require_operator()
     ui.header(
@@ -146,6 +171,7 @@ def render() -> None:
     if detail.status == "failed":
         actions.buttons(operator, [detail.id], key="detail")
     _timeline(detail)
+    _provider_events(detail)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Audit trail")

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time
 import plotly.express as px
 import streamlit as st
 
-from console import actions, auth, data, ui
+from console import actions, auth, bounced, data, ui
 from core.config import KNOWN_PROVIDERS
 from core.models import ErrorClass
 from core.operators import Role
@@ -56,6 +56,9 @@ def render() -> None:
         "every action asks for a reason and lands in the audit log.",
     )
     ui.show_flash()
+    if st.toggle("Bounced after send", key="triage_bounced", help=bounced.HELP):
+        bounced.render(operator)
+        return
     flt = filters()
 
     by_class = data.failed_by_class(flt)
