@@ -1,5 +1,6 @@
 """One delivery run: claim, open the letter, send through the provider chain, record.
 
+    hold                             ─ address on the suppression list → held, for a person
     claim (compare-and-set + lease)  ─ nothing to claim → stop quietly
     decrypt                          ─ key not in the keyring → stays scheduled, tried later
                                        (error class "missing_key", no attempt spent)
@@ -28,6 +29,7 @@ from core.models import ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
 from core.providers.base import Email
+from core.webhooks import hold_if_suppressed
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
@@ -37,6 +39,9 @@ def _claim(
     app: App, delivery_id: uuid.UUID, task_id: str, now: datetime
 ) -> tuple[Claim, Letter] | None:
     with session_scope(app.session_factory) as session:
+        if hold_if_suppressed(session, delivery_id, now=now):
+            session.commit()  # held for a person: its address is on the suppression list
+            return None
         claimed = claim(
             session, delivery_id, task_id, now=now, lease_seconds=app.settings.lease_seconds
         )
