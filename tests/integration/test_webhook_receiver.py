@@ -14,10 +14,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from core import webhooks
 from core.bootstrap import App, build_app
 from core.db import make_engine, session_scope
 from core.models import WebhookEvent
 from tests.conftest import RecordingEnqueuer
+from tests.fakes.provider_server import StoredMessage
+from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import (
     OTHER_SECRET,
     POSTMARK_PASSWORD,
@@ -173,3 +176,47 @@ def test_postmark_from_a_source_outside_the_allowlist_is_refused(hook_app: App) 
         )
     assert response.status_code == 403
     assert stored(hook_app) == 0
+
+
+@pytest.mark.parametrize("provider", ["resend", "postmark"])
+def test_the_fake_providers_webhooks_reach_the_receiver_and_suppress_what_they_should(
+    hook_app: App, receiver: ReceiverServer, provider: str
+) -> None:
+    # Given the fake's sender, duplicating and reordering every event
+    sender = WebhookSender(
+        receiver.url,
+        resend_secret=TEST_SECRET,
+        postmark_auth=(POSTMARK_USER, POSTMARK_PASSWORD),
+        dead={"dead@x.example"},
+        complaining={"spam@x.example"},
+        duplicates=2,
+        reorder=True,
+        auto=False,
+    )
+    sender.message_stored(
+        StoredMessage(
+            provider=provider,
+            id=f"{provider}-m1",
+            idempotency_key="k",
+            sender="letters@capsule.example",
+            to=["dead@x.example", "spam@x.example", "ok@x.example"],
+            subject="SECRET SUBJECT",
+            text="SECRET BODY",
+            tag="letter",
+        )
+    )
+
+    # When they are sent: 5 events (2 dead, 2 complaining, 1 ok), each twice
+    assert sender.flush() == 10
+
+    # Then every request was accepted, each event stored once, and processing them puts the
+    # dead and the complaining address on the list (and nothing of the letter is kept)
+    assert sender.answers == {200: 10}
+    assert stored(hook_app) == 5
+    for event_id in receiver.stored:
+        webhooks.process_and_notify(hook_app, event_id, now=datetime.now(UTC))
+    with session_scope(hook_app.session_factory) as s:
+        listed = {(r["address"], r["reason"]) for r in webhooks.list_suppressions(s)}
+        payloads = [repr(p) for p in s.scalars(select(WebhookEvent.payload))]
+    assert listed == {("dead@x.example", "hard_bounce"), ("spam@x.example", "complaint")}
+    assert not any("SECRET" in p for p in payloads)
