@@ -90,8 +90,9 @@ USER 10001:10001
 EXPOSE 8501
 
 # Health is per role, so it is declared in docker-compose.yml, not here: the console answers
-# GET /_stcore/health; a consumer is alive while its process runs (Huey restarts crashed worker
-# threads itself), and the system-wide check is `capsule health` (docs/operations.md).
+# GET /_stcore/health; a consumer runs `capsule consumer-health` (broker reachable, its
+# /metrics answering: set CAPSULE_METRICS_PORT), and the system-wide check is `capsule health`
+# (docs/operations.md).
 HEALTHCHECK NONE
 
 # The consumer with the production flags; docker-compose.yml documents each one.

@@ -7,7 +7,10 @@ touches no file or socket (the SQLite queue's tables are made by `prepare_broker
 
 from __future__ import annotations
 
+from typing import Any
+
 from huey import Huey, RedisHuey, SqliteHuey
+from huey.consumer_options import ConsumerConfig
 from huey.storage import SqliteStorage
 from redis import ConnectionPool
 
@@ -48,7 +51,7 @@ def make_huey(settings: Settings) -> Huey:
 def prepare_broker(queue: Huey) -> None:
     """Create the embedded queue's file and tables; nothing to do for Redis."""
     if isinstance(queue, SqliteHuey):
-        private_dir(settings.var_path, tighten=True)
+        private_dir(settings.var_path)
         queue.storage.initialize_schema()
 
 
@@ -56,14 +59,30 @@ settings = Settings.from_env()
 huey = make_huey(settings)
 
 
+def _consumer_logging(config: ConsumerConfig, logger: Any = None) -> None:
+    """`huey_consumer` calls this once, before the consumer starts: our logging (format and
+    level from CAPSULE_LOG_FORMAT and CAPSULE_LOG_LEVEL; Huey's -v / -q set the default level) instead of Huey's own
+    handler, so Huey's lines come out in the same format as ours."""
+    from core.logs import configure_logging
+
+    configure_logging(settings, default_level=config.loglevel)
+
+
+ConsumerConfig.setup_logger = _consumer_logging  # type: ignore[method-assign]
+
+
 @huey.on_startup(name="capsule.telemetry")
 def start_telemetry() -> None:
-    """Each worker calls this when the consumer starts; the first call does the work."""
+    """Each worker calls this when the consumer starts; the first call does the work:
+    Sentry (with its Huey integration) and, with CAPSULE_METRICS_PORT, the /metrics server."""
     from sentry_sdk.integrations.huey import HueyIntegration
 
+    from core.metrics import serve_metrics
     from core.telemetry import init_sentry
 
     init_sentry(settings, component="consumer", integrations=[HueyIntegration()])
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.metrics_addr)
 
 
 import tasks.bulk  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from console import auth, data, ui
-from core import telemetry
+from core import logs, telemetry
 from core.errors import ConfigError
 from core.operators import Role
 
@@ -17,6 +17,7 @@ st.set_page_config(
 )
 
 try:
+    logs.configure_logging(data.settings(), default_level="WARNING")  # a no-op once done
     telemetry.init_sentry(data.settings(), component="console")  # once per process; then a no-op
     data.get_app()
 except ConfigError as exc:  # e.g. demo mode with a real provider: refuse, in one clear line

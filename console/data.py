@@ -226,7 +226,7 @@ def health() -> Health:
         runs = queries.recent_runs(s, limit=50)
         providers = queries.provider_states(s, now=now)
         alerts = queries.recent_alerts(s, limit=50)
-        waiting = waiting_for_keys(s)
+        waiting = waiting_for_keys(s, get_app().settings, now)
     return Health(runners, runs, providers, alerts, read_queue_depth(), now, waiting)
 
 

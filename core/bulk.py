@@ -8,7 +8,11 @@
                              before its next row and sets aborted)
 
 The filter is pinned at launch (`failed_until` = now), so rows that fail later never join a
-confirmed set, and the runner never processes more rows than were confirmed. Each row is
+confirmed set, and the runner never processes more rows than were confirmed. Guard rails:
+"any class" means the classes safe to send again (`ambiguous`, `possibly_sent` and
+`decryption` failures join only when chosen by name, with a warning); one operation touches at
+most CAPSULE_BULK_MAX_ROWS rows; and while an operation is active, no other whose filter could
+match the same rows may start. Each row is
 checked against the filter again when the runner reaches it, and the requeue transition
 itself compare-and-sets the row: a row that changed in between is counted as skipped.
 Core never imports Huey: `launch` is handed the function that enqueues the runner.
@@ -20,12 +24,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, queries
@@ -33,15 +37,17 @@ from core.bootstrap import App
 from core.db import SessionFactory, session_scope
 from core.deliveries import requeue_delivery
 from core.errors import (
+    BulkConflict,
     DeliveryNotFound,
     InsufficientCredit,
     InvalidTransition,
     NotFound,
     ValidationError,
 )
-from core.models import BulkOperation, CreditEntry, Delivery
+from core.locks import lock_key
+from core.models import BulkOperation, CreditEntry, Delivery, ErrorClass
 from core.operators import Operator, Role, require
-from core.queries import FailedFilter
+from core.queries import ACTIVE_BULK_STATES, FailedFilter
 from core.triage import required_reason
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,41 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 Enqueue = Callable[[int], str]
 
+# The provider may have accepted these (a requeue could deliver the letter twice), or the
+# letter could not be opened (the key must be back first, or it was tampered with). "Any class"
+# leaves them out; an operator who names them sees RISK_WARNINGS.
+MAY_HAVE_ARRIVED = (ErrorClass.AMBIGUOUS.value, ErrorClass.POSSIBLY_SENT.value)
+RISKY_CLASSES = (*MAY_HAVE_ARRIVED, ErrorClass.DECRYPTION.value)
+# What "any class" means for a bulk requeue (a missing key never fails a delivery).
+ANY_SAFE_CLASS = tuple(
+    c.value for c in ErrorClass if c.value not in RISKY_CLASSES and c != ErrorClass.MISSING_KEY
+)
+
+
+def effective(flt: FailedFilter) -> FailedFilter:
+    """The filter a bulk operation really uses: "any class" becomes every class safe to resend."""
+    return flt if flt.error_classes else replace(flt, error_classes=ANY_SAFE_CLASS)
+
+
+def risk_warnings(by_class: dict[str, int]) -> list[str]:
+    """The warnings for the risky classes among matching rows (class → count), as in triage."""
+    warnings = []
+    arrived = {c: n for c, n in by_class.items() if c in MAY_HAVE_ARRIVED and n}
+    if arrived:
+        warnings.append(
+            f"{sum(arrived.values()):,} of these may already have reached the recipient "
+            f"({', '.join(sorted(arrived))}): check the provider's log before sending again, "
+            "or the recipient may get the letter twice."
+        )
+    unreadable = by_class.get(ErrorClass.DECRYPTION.value, 0)
+    if unreadable:
+        warnings.append(
+            f"{unreadable:,} of these could not be decrypted: requeue them only once the cause "
+            "is fixed; a letter whose key is present and still fails may have been tampered "
+            "with (a security incident)."
+        )
+    return warnings
+
 
 # ---------------------------------------------------------------- before launching
 
@@ -68,16 +109,91 @@ class Preview:
     filter: FailedFilter
     count: int
     sample: pd.DataFrame = field(repr=False)
+    # risky class → matching rows: included (named in the filter) or left out ("any class")
+    risky: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)
+    active: queries.BulkView | None = None  # an active operation this one would overlap
+
+    @property
+    def warnings(self) -> list[str]:
+        return risk_warnings(self.risky)
+
+
+def _risky_counts(session: Session, flt: FailedFilter) -> dict[str, int]:
+    where = queries.failed_conditions(flt, with_error_class=False)
+    classes = [c for c in RISKY_CLASSES if not flt.error_classes or c in flt.error_classes]
+    if not classes:
+        return {}
+    return {
+        str(c): int(n)
+        for c, n in session.execute(
+            select(Delivery.error_class, func.count())
+            .where(*where, Delivery.error_class.in_(classes))
+            .group_by(Delivery.error_class)
+        )
+    }
 
 
 def preview(session: Session, flt: FailedFilter, *, now: datetime, sample: int = 20) -> Preview:
-    """The pinned filter, its count and the newest `sample` matching rows."""
-    pinned = flt.pinned(now)
+    """The pinned filter, its count and the newest `sample` matching rows, the risky classes it
+    includes or leaves out, and an active operation it would collide with."""
+    pinned = effective(flt).pinned(now)
+    risky = _risky_counts(session, flt.pinned(now))
+    chosen = set(flt.error_classes)
+    conflict = conflicting(session, pinned)
     return Preview(
         pinned,
         queries.failed_count(session, pinned),
         queries.failed_deliveries(session, pinned, limit=sample),
+        risky={c: n for c, n in risky.items() if c in chosen},
+        left_out={c: n for c, n in risky.items() if c not in chosen},
+        active=queries.bulk_operation(session, conflict.id) if conflict is not None else None,
     )
+
+
+# ---------------------------------------------------------------- overlap
+
+
+def overlaps(a: FailedFilter, b: FailedFilter) -> bool:
+    """Could one failed delivery match both filters? False only when a field keeps them apart.
+
+    Error classes, provider, recipient domain and the failed-at range can prove two filters
+    disjoint; a text search never can, so it counts as overlapping.
+    """
+    if a.error_classes and b.error_classes and not set(a.error_classes) & set(b.error_classes):
+        return False
+    if a.provider and b.provider and a.provider != b.provider:
+        return False
+
+    def domain(f: FailedFilter) -> str | None:
+        return f.recipient_domain.strip().lstrip("@").lower() if f.recipient_domain else None
+
+    if domain(a) and domain(b) and domain(a) != domain(b):
+        return False
+    starts = [t for t in (a.failed_from, b.failed_from) if t is not None]
+    ends = [t for t in (a.failed_until, b.failed_until) if t is not None]
+    return not (starts and ends and max(starts) > min(ends))
+
+
+def conflicting(session: Session, flt: FailedFilter) -> BulkOperation | None:
+    """The oldest active operation whose pinned filter overlaps `flt`, if any."""
+    active = session.scalars(
+        select(BulkOperation)
+        .where(BulkOperation.state.in_(sorted(ACTIVE_BULK_STATES)))
+        .order_by(BulkOperation.id)
+    ).all()
+    return next(
+        (op for op in active if overlaps(FailedFilter.from_dict(dict(op.filter)), flt)), None
+    )
+
+
+def _serialize_launches(session: Session) -> None:
+    """Make concurrent launches check for conflicts one after the other (until commit)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(lock_key("bulk-launch"))))
+    else:
+        # SQLite: a write, even of no row, takes the database's write lock for the transaction
+        session.execute(update(BulkOperation).where(false()).values(state=BulkOperation.state))
 
 
 @dataclass(frozen=True)
@@ -113,7 +229,7 @@ def dry_run(
     rate_per_second: float = DEFAULT_RATE_PER_SECOND,
 ) -> DryRun:
     """Counts by error class and provider, credit shortfalls, and how long it would take."""
-    pinned = flt.pinned(now)
+    pinned = effective(flt).pinned(now)
     where = queries.failed_conditions(pinned)
     count = queries.failed_count(session, pinned)
     by_class = {
@@ -192,16 +308,30 @@ def launch(
     """Record a bulk requeue of the rows `flt` matches now and hand it to the background runner.
 
     `confirm_count` is the count the operator typed: it must equal what matches at this moment.
+    "Any class" leaves out the risky classes (`effective`). Refused above the row cap, and while
+    an active operation's filter overlaps this one (BulkConflict names it).
     If the broker refuses the task, the operation ends in state error (nothing was touched).
     """
     require(operator, Role.OPS, "run bulk operations")
     why = required_reason(reason)
     rate = validate_rate(rate_per_second)
-    pinned = flt.pinned(now)
+    pinned = effective(flt).pinned(now)
+    cap = app.settings.bulk_max_rows
     with session_scope(app.session_factory) as session:
+        _serialize_launches(session)
         count = queries.failed_count(session, pinned)
         if count == 0:
             raise ValidationError("filter", "no failed delivery matches this filter")
+        if count > cap:
+            raise ValidationError(
+                "filter",
+                f"{count:,} deliveries match; one bulk operation may touch at most {cap:,} "
+                "(CAPSULE_BULK_MAX_ROWS): narrow the filter (error class, provider, dates, "
+                "domain) and run it in parts",
+            )
+        running = conflicting(session, pinned)
+        if running is not None:
+            raise BulkConflict(running.id, conflict_message(running))
         if int(confirm_count) != count:
             raise ValidationError(
                 "confirm_count",
@@ -256,6 +386,15 @@ def launch(
         )
         session.commit()
     return Launched(operation_id, task_id, "pending", count)
+
+
+def conflict_message(op: BulkOperation | queries.BulkView) -> str:
+    described = FailedFilter.from_dict(dict(op.filter)).describe()
+    return (
+        f"bulk operation #{op.id} ({op.state}, by {op.actor}: {described}) may touch the same "
+        "deliveries: wait until it ends, or abort it, before starting another on an "
+        "overlapping filter"
+    )
 
 
 def request_abort(

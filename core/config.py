@@ -61,6 +61,22 @@ def _providers(variable: str, raw: str) -> tuple[str, ...]:
 
 
 KNOWN_PROVIDERS = ("resend", "postmark", "smtp", "outbox")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_format(variable: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(variable, f"expected one of {', '.join(LOG_FORMATS)}, got {raw!r}")
+    return value
+
+
+def _log_level(variable: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value and value not in LOG_LEVELS:
+        raise ConfigError(variable, f"expected one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return value
 
 
 def _list(variable: str, raw: str) -> tuple[str, ...]:
@@ -374,6 +390,34 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "Sentry DSN: error reports from the consumer, the CLI and the console, scrubbed of letter text and secrets.",
     ),
     (
+        "LOG_FORMAT",
+        "log_format",
+        _log_format,
+        "text",
+        "Log lines as text (Huey's format) or json (one object per line); every process.",
+    ),
+    (
+        "LOG_LEVEL",
+        "log_level",
+        _log_level,
+        "",
+        "DEBUG, INFO, WARNING or ERROR; empty = consumer INFO, CLI and console WARNING.",
+    ),
+    (
+        "METRICS_PORT",
+        "metrics_port",
+        _int,
+        "0",
+        "Port of each consumer's Prometheus /metrics; 0 = off. One port per process on a host.",
+    ),
+    (
+        "METRICS_ADDR",
+        "metrics_addr",
+        _str,
+        "127.0.0.1",
+        "Address the consumer's and `capsule exporter`'s /metrics listen on.",
+    ),
+    (
         "HEALTH_MAX_AGE_SECONDS",
         "health_max_age_seconds",
         _int,
@@ -514,6 +558,10 @@ class Settings:
     alert_min_interval_seconds: int = 900
     heartbeat_url: str | None = None
     sentry_dsn: str | None = None
+    log_format: str = "text"
+    log_level: str = ""
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
     health_max_age_seconds: int = 300
     health_max_stuck: int = 50
     demo_mode: bool = False
@@ -561,6 +609,10 @@ class Settings:
         for suffix, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"CAPSULE_{suffix}", f"must be positive, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                "CAPSULE_METRICS_PORT", f"expected 0 to 65535, got {self.metrics_port}"
+            )
         if self.grace_seconds < 0:
             raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
         if self.lookup_settle_seconds < 0:

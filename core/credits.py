@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from core.errors import InsufficientCredit, ValidationError
 from core.models import CreditEntry, User
 
-MAX_GRANT = 1_000_000
+MAX_GRANT = 10_000_000  # a whole benchmark seeding in one grant
 MAX_BALANCE = 1_000_000_000  # well inside a 32-bit INTEGER column
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
@@ -19,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.files import private_dir, private_sqlite
+from core.files import private_sqlite
 
 T = TypeVar("T")
 SessionFactory = sessionmaker[Session]
@@ -52,8 +51,6 @@ def _sqlite_engine(settings: Settings, url: str, **overrides: Any) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
         # Created 0600 (in a 0700 directory) before SQLite opens it; -wal/-shm follow its mode.
-        parent = Path(database).parent
-        private_dir(parent, tighten=parent.resolve() == settings.var_path.resolve())
         private_sqlite(database)
     options: dict[str, Any] = {
         "connect_args": {

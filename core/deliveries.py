@@ -408,6 +408,7 @@ class Claim:
     # call; for a recovered lease, the recovery): a lagging search is trusted only a settle
     # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
     ambiguous_at: datetime | None = None
+    deliver_at: datetime | None = None  # the user's intent: lateness is measured from it
 
 
 def claim(
@@ -449,6 +450,7 @@ def claim(
             Delivery.user_id,
             Delivery.pinned_provider,
             Delivery.error_class,
+            Delivery.deliver_at,
         )
     )
     row = result.one_or_none()
@@ -471,6 +473,7 @@ def claim(
         pinned_provider=row.pinned_provider,
         error_class=row.error_class,
         ambiguous_at=ambiguous_at,
+        deliver_at=row.deliver_at,
     )
 
 

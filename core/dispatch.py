@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
@@ -78,6 +79,46 @@ def dispatch(
         # dispatcher may queue a harmless twin that finds nothing to claim.
         log.warning("could not record dispatch %s of %s: %s", task_id, delivery_id, exc)
     return task_id
+
+
+def dispatch_many(
+    session_factory: SessionFactory,
+    enqueuer: Enqueuer,
+    rows: Sequence[tuple[uuid.UUID, datetime]],
+    now: datetime,
+) -> tuple[int, int]:
+    """Enqueue each (delivery id, eta) and record all the dispatches in one statement.
+
+    For rows found with no dispatch (the dispatcher's): a dispatch is recorded only while the
+    row is still scheduled with no other dispatch recorded meanwhile (a retry's own). One
+    statement and one commit for the lot is what lets a broker wipe be repaired in seconds:
+    a commit per row took the dispatcher ~20 ms a letter on a loaded machine.
+    Returns (enqueued, refused by the broker).
+    """
+    done: list[dict[str, Any]] = []
+    refused = 0
+    for delivery_id, eta in rows:
+        try:
+            task_id = enqueuer.enqueue(delivery_id, eta)
+        except EnqueueError as exc:
+            log.warning("enqueue failed; the dispatcher will retry: %s", exc)
+            refused += 1
+            continue
+        done.append({"id": delivery_id, "task_id": task_id, "dispatched_at": now})
+    if done:
+        try:
+            with session_scope(session_factory) as session:
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.status == Status.SCHEDULED, Delivery.task_id.is_(None))
+                    .execution_options(synchronize_session=None),
+                    done,
+                )
+                session.commit()
+        except SQLAlchemyError as exc:
+            # As in `dispatch`: the tasks are queued and will claim their rows.
+            log.warning("could not record %d dispatches: %s", len(done), exc)
+    return len(done), refused
 
 
 def revoke_quietly(enqueuer: Enqueuer, task_id: str | None) -> None:

@@ -6,7 +6,8 @@
     │   ├── InvalidAddress
     │   ├── InvalidDeliveryTime
     │   ├── LetterTooLarge
-    │   └── WebhookPayloadError     a verified webhook whose body we cannot read
+    │   ├── WebhookPayloadError     a verified webhook whose body we cannot read
+    │   └── BulkConflict            an active bulk operation covers the same rows (operation_id)
     ├── InsufficientCredit          the owner has no credit left (user_id)
     ├── NotFound                    (entity, key)
     │   ├── DeliveryNotFound        (delivery_id)
@@ -75,6 +76,14 @@ class WebhookPayloadError(ValidationError):
 
     def __init__(self, message: str) -> None:
         super().__init__("payload", message)
+
+
+class BulkConflict(ValidationError):
+    """A bulk operation still active could touch rows the new one would: one at a time."""
+
+    def __init__(self, operation_id: int, message: str) -> None:
+        self.operation_id = operation_id
+        super().__init__("filter", message)
 
 
 class InsufficientCredit(CapsuleError):

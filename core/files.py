@@ -5,9 +5,10 @@ created with the default umask and tightened afterwards is world-readable in bet
 is created with its final mode (`os.open` / `mkdir` with a mode); SQLite gives its `-wal` and
 `-shm` files the mode of the database file, so pre-creating that one covers them.
 
-A file or directory made by an older version is tightened when the current user owns it.
-Directories the operator already had (a configured outbox elsewhere, say) keep their mode;
-only those we create, and the var directory itself, are made private.
+A database, queue or keys file made by an older version is tightened when it is a regular
+file the current user owns. An existing directory is never changed: a misconfigured path
+(`CAPSULE_VAR_DIR=/etc`, run as root) must not rewrite the modes of the system's directories;
+the operator tightens an old `var/` once (docs/operations.md, "Files and their modes").
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 _GROUP_OTHER = 0o077
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def private_dir(path: Path | str, *, tighten: bool = False) -> Path:
-    """Create `path` and its missing parents as 0700; `tighten`: also an existing `path`."""
+def private_dir(path: Path | str) -> Path:
+    """Create `path` and its missing parents as 0700; an existing directory is left as it is."""
     path = Path(path)
     missing = []
     probe = path
@@ -32,29 +34,33 @@ def private_dir(path: Path | str, *, tighten: bool = False) -> Path:
         missing.append(probe)
         probe = probe.parent
     for directory in reversed(missing):
-        # Another process may make it first; it is tightened below if asked.
+        # Another process may make it first: then it is theirs, made the same way.
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=DIR_MODE)
-    if tighten or missing:
-        _tighten(path)
     return path
 
 
-def private_file(path: Path | str) -> Path:
-    """Make sure `path` exists as a 0600 file before anything else (SQLite) opens it."""
+def private_file(path: Path | str, *, header: bytes | None = None) -> Path:
+    """Make sure `path` exists as a 0600 file before anything else (SQLite) opens it; an
+    existing one of ours is tightened, if it is empty or starts with `header` (when given)."""
     path = Path(path)
     private_dir(path.parent)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
-        _tighten_fd(fd)
+        start = os.read(fd, len(header)) if header else b""
+        if not start or header is None or start == header:
+            _tighten_fd(fd)
     finally:
         os.close(fd)
     return path
 
 
 def private_sqlite(path: Path | str) -> Path:
-    """The SQLite database file private before its first connection, with its companions."""
-    path = private_file(path)
+    """The SQLite database file private before its first connection, with its companions.
+
+    Only a file that is empty or a SQLite database is tightened: a database URL pointing at
+    some other file by mistake must not change that file."""
+    path = private_file(path, header=SQLITE_HEADER)
     for suffix in SQLITE_COMPANIONS:
         companion = path.with_name(path.name + suffix)
         if companion.exists():
@@ -90,9 +96,7 @@ def _tighten_fd(fd: int) -> None:
 
 
 def _should_tighten(st: os.stat_result) -> bool:
-    # Never a shared directory such as /tmp (sticky bit), never someone else's file.
+    # Only our own regular files: never a directory, a device, or someone else's file.
     return (
-        bool(st.st_mode & _GROUP_OTHER)
-        and not st.st_mode & stat.S_ISVTX
-        and st.st_uid == os.geteuid()
+        stat.S_ISREG(st.st_mode) and bool(st.st_mode & _GROUP_OTHER) and st.st_uid == os.geteuid()
     )

@@ -48,15 +48,25 @@ def count_stuck(session: Session, now: datetime, grace_seconds: float) -> tuple[
     return int(unclaimed or 0), int(expired or 0)
 
 
-def waiting_for_keys(session: Session) -> dict[str, int]:
+def waiting_for_keys(session: Session, settings: Settings, now: datetime) -> dict[str, int]:
     """Key id → how many scheduled letters a worker found sealed under it and could not open.
 
-    Those letters stay scheduled and are tried again; they go out once the key is back.
+    Those letters stay scheduled and are tried again; they go out once the key is back. Each
+    such row is due again within twice CAPSULE_MISSING_KEY_RETRY_SECONDS (the wait and its
+    spread), so the count reads only the due index up to there (plus a horizon of slack for a
+    setting changed meanwhile), never every scheduled row.
     """
+    bound = now + timedelta(
+        seconds=2 * settings.missing_key_retry_seconds + settings.dispatch_horizon_seconds
+    )
     rows = session.execute(
         select(Letter.key_id, func.count())
         .join(Delivery, Delivery.letter_id == Letter.id)
-        .where(Delivery.status == Status.SCHEDULED, Delivery.error_class == ErrorClass.MISSING_KEY)
+        .where(
+            Delivery.status == Status.SCHEDULED,
+            Delivery.next_attempt_at <= bound,
+            Delivery.error_class == ErrorClass.MISSING_KEY,
+        )
         .group_by(Letter.key_id)
         .order_by(Letter.key_id)
     ).all()
@@ -93,7 +103,7 @@ def check(session: Session, settings: Settings, now: datetime) -> Health:
         problems.append(
             f"{unclaimed + expired} stuck deliveries (limit {settings.health_max_stuck})"
         )
-    waiting = waiting_for_keys(session)
+    waiting = waiting_for_keys(session, settings, now)
     if waiting:
         problems.append(describe_waiting(waiting))
     return Health(not problems, last, age, unclaimed, expired, problems, waiting)

@@ -2,6 +2,8 @@
 
     dispatcher      every minute  scheduled rows due within the horizon with no dispatch get a task;
                                   a broker that lost its marker gets everything within the horizon again
+    marker check    every few s   each consumer looks for the marker; a lost one runs the
+                                  dispatcher at once (seconds after a broker wipe, not a minute)
     backstop        every minute  due rows unclaimed past the grace period are dispatched again;
                                   processing rows whose lease ran out go back to scheduled;
                                   provider webhook events left unprocessed are processed;
@@ -29,7 +31,7 @@ from core import alerts, health, notifications, webhooks
 from core.bootstrap import App
 from core.db import session_scope
 from core.deliveries import recover_expired_lease, requeue_delivery
-from core.dispatch import Enqueuer, dispatch
+from core.dispatch import Enqueuer, dispatch, dispatch_many
 from core.errors import CapsuleError, EnqueueError
 from core.locks import single_runner
 from core.models import AUTO_RETRY_CLASSES, Delivery, ReconcilerRun, Status
@@ -96,13 +98,41 @@ def run_dispatcher(app: App, *, now: datetime, enqueuer: Enqueuer | None = None)
             rows = session.execute(query).all()
         if not rows:
             return report
-        for delivery_id, due in rows:
-            report.found += 1
-            if dispatch(app.session_factory, enqueuer, delivery_id, due, now):
-                report.requeued += 1
-            else:
-                report.errors += 1
+        report.found += len(rows)
+        enqueued, refused = dispatch_many(
+            app.session_factory, enqueuer, [(i, due) for i, due in rows], now
+        )
+        report.requeued += enqueued
+        report.errors += refused
         last = (rows[-1][1], rows[-1][0])
+
+
+def redispatch_if_marker_lost(
+    app: App,
+    *,
+    now: datetime,
+    runner: str,
+    clock: Callable[[], datetime],
+    enqueuer: Enqueuer | None = None,
+) -> RunReport | None:
+    """The light check each consumer makes every few seconds: one read of the broker's marker.
+
+    A broker that lost its data (and its marker with it) gets a dispatcher run at once, under
+    the same single-runner lock, so what was due or queued is dispatched again within seconds.
+    None when the marker is there or the broker cannot be asked; else the run's report (not
+    `ran` when another runner held the lock: the next check tries again if still needed).
+    """
+    enqueuer = enqueuer or app.enqueuer
+    try:
+        if enqueuer.has_marker():
+            return None
+    except Exception as exc:  # the broker is away: the minute's runs and the backstop cope
+        log.debug("marker check failed: %s", exc)
+        return None
+    log.warning("broker marker missing: running the dispatcher now")
+    return run_safety_net(
+        app, DISPATCHER, now=now, runner=runner, slot=None, clock=clock, enqueuer=enqueuer
+    )
 
 
 def _forget_dispatches(app: App, end: datetime, now: datetime) -> int:
@@ -392,7 +422,7 @@ def _alert_missing_keys(app: App, alerter: alerts.Alerter, now: datetime) -> Non
     """Letters waiting for a key out of the keyring: one alert per window (rate limited)."""
     try:
         with session_scope(app.session_factory) as session:
-            waiting = health.waiting_for_keys(session)
+            waiting = health.waiting_for_keys(session, app.settings, now)
     except Exception as exc:  # a failed count must not stop the heartbeat
         log.error("counting letters that wait for a key failed: %s", exc)
         return

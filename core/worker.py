@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from core import notifications
+from core import metrics, notifications
 from core.bootstrap import App
 from core.db import retry_db, session_scope
 from core.deliveries import Claim, Recorded, claim, record_outcome
@@ -104,12 +104,14 @@ def run_delivery(
     """Run one delivery; returns the row's new status, or None if there was nothing to claim."""
     claimed_pair = retry_db(lambda: _claim(app, delivery_id, task_id, clock()))
     if claimed_pair is None:
+        metrics.observe_run(delivery_id, task_id, None)
         log.debug("delivery %s: nothing to claim for task %s", delivery_id, task_id)
         return None
     claimed, letter = claimed_pair
     outcome = _send(app, claimed, letter, clock)
     now = clock()
     recorded = _record(app, claimed, outcome, now)
+    metrics.observe_run(delivery_id, task_id, claimed, outcome, status=recorded.status, now=now)
     retry_at = recorded.next_attempt_at
     horizon = app.settings.dispatch_horizon_seconds
     if recorded.status == Status.SCHEDULED and retry_at and within_horizon(retry_at, now, horizon):

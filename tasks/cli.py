@@ -35,7 +35,7 @@ from core.deliveries import (
     schedule_delivery,
 )
 from core.errors import CapsuleError, DeliveryNotFound, ValidationError
-from core.files import append_private, private_dir
+from core.files import append_private
 from core.models import Delivery, DeliveryAttempt, WebhookEvent
 from core.policy import parse_when, short_repr, utcnow
 
@@ -103,7 +103,10 @@ def _line_problem(text: str) -> str | None:
 
 def _read_stdin_text(what: str) -> str:
     """All of stdin as UTF-8 text; a ValidationError (not a traceback) when it is not."""
-    data = sys.stdin.buffer.read()
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text stream (embedding, tests): already decoded
+        return str(sys.stdin.read())
+    data = raw.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,9 +142,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
         print(f"keyring {path} already exists")
         return 0
     Keyring.parse(existing + "\n" + entry, variable=str(path))  # rejects a duplicate id
-    if path.parent.resolve() == settings.var_path.resolve():
-        private_dir(settings.var_path, tighten=True)
-    append_private(path, entry + "\n")  # 0600 from its first byte
+    append_private(path, entry + "\n")  # 0600 from its first byte, in a 0700 directory
     print(f"added key {entry.split(':')[0]} to {path}; it now encrypts new letters")
     return 0
 
@@ -394,6 +395,51 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    import huey_app
+    from core.metrics import DatabaseCollector, serve_metrics
+
+    app = _app()
+    queue = huey_app.huey
+
+    def queue_depth() -> tuple[int | None, int | None]:
+        return int(queue.pending_count()), int(queue.scheduled_count())
+
+    registry = CollectorRegistry()
+    registry.register(
+        DatabaseCollector(app.session_factory, app.settings, clock=utcnow, queue_depth=queue_depth)
+    )
+    addr = args.addr or app.settings.metrics_addr
+    if not serve_metrics(args.port, addr, registry):
+        raise CapsuleError(f"cannot listen on {addr}:{args.port}")
+    print(f"serving the database gauges on http://{addr}:{args.port}/metrics", flush=True)
+    threading.Event().wait()  # until a signal ends the process
+    return 0
+
+
+def cmd_consumer_health(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _settings()
+    port = args.port or settings.metrics_port
+    problems = []
+    if not _app().enqueuer.ping():
+        problems.append("broker unreachable")
+    if port:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if "capsule_claims_total" not in body:
+                problems.append("the consumer's /metrics does not serve capsule metrics")
+        except httpx.HTTPError as exc:
+            problems.append(f"the consumer's /metrics on port {port}: {type(exc).__name__}")
+    print(json.dumps({"ok": not problems, "problems": problems}))
+    return 0 if not problems else 1
+
+
 def _settings() -> Any:
     from core.config import Settings
 
@@ -404,8 +450,6 @@ def _read_password() -> str:
     """The new password: the first line of stdin when piped, else typed twice at a prompt."""
     if not sys.stdin.isatty():
         return _read_stdin_text("the password").split("\n", 1)[0].rstrip("\r")
-    import getpass
-
     first = getpass.getpass("Password: ")
     if getpass.getpass("Again: ") != first:
         raise CapsuleError("the two passwords differ")
@@ -625,6 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the broker is unreachable, deliver due letters in this process",
     )
     add("health", cmd_health, "print the safety nets' health as JSON; exit 1 when unhealthy")
+    p = add(
+        "exporter",
+        cmd_exporter,
+        "serve the database-backed Prometheus gauges (run one per fleet)",
+    )
+    p.add_argument("--port", type=int, default=9464)
+    p.add_argument("--addr", default=None, help="default: CAPSULE_METRICS_ADDR")
+    p = add(
+        "consumer-health",
+        cmd_consumer_health,
+        "a consumer container's healthcheck: broker reachable and its /metrics answering",
+    )
+    p.add_argument("--port", type=int, default=None, help="default: CAPSULE_METRICS_PORT")
     add(
         "rollup",
         cmd_rollup,
@@ -706,6 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(_database_problem(exc))
     except OSError as exc:
         _fail(_file_problem(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
     return EXIT_ERROR
 
 
@@ -720,8 +780,11 @@ def _file_problem(exc: OSError) -> str:
 
 
 def _start_telemetry() -> None:
-    """Sentry, when CAPSULE_SENTRY_DSN is set, before any command runs."""
+    """Logging (CAPSULE_LOG_FORMAT, CAPSULE_LOG_LEVEL), and Sentry when CAPSULE_SENTRY_DSN is set, before any command."""
+    from core.logs import configure_logging
+
     settings = _settings()
+    configure_logging(settings, default_level="WARNING")
     if settings.sentry_dsn:
         from core.telemetry import init_sentry
 

@@ -6,6 +6,7 @@ import uuid
 
 from huey.api import Task
 
+from core.logs import delivery_context
 from core.worker import run_delivery
 from huey_app import huey
 from tasks.runtime import get_app
@@ -14,4 +15,5 @@ from tasks.runtime import get_app
 @huey.task(name="capsule.deliver", context=True)
 def deliver(delivery_id: str, task: Task | None = None) -> None:
     assert task is not None
-    run_delivery(get_app(), uuid.UUID(delivery_id), task.id)
+    with delivery_context(delivery_id, task.id):
+        run_delivery(get_app(), uuid.UUID(delivery_id), task.id)

@@ -30,7 +30,7 @@ def filters() -> FailedFilter:
     with c1:
         classes = st.multiselect(
             "Error class",
-            [e.value for e in ErrorClass],
+            [e.value for e in ErrorClass if e != ErrorClass.MISSING_KEY],  # never a failure
             key="bulk_classes",
             placeholder="any class",
         )
@@ -217,9 +217,25 @@ def render() -> None:
     st.subheader("1 · Choose failed deliveries")
     flt = filters()
     shown = data.bulk_preview(flt)
+    cap = data.settings().bulk_max_rows
     st.metric("Matching now", f"{shown.count:,}", help=ui.text(shown.filter.describe()))
+    if shown.left_out:
+        left = sum(shown.left_out.values())
+        st.caption(
+            f"“Any class” leaves out {left:,} {', '.join(sorted(shown.left_out))} failures: "
+            "a requeue may send them twice or cannot open them. Choose those classes by name "
+            "to include them."
+        )
     if shown.count == 0:
         st.info("No failed delivery matches this filter.")
+    elif shown.count > cap:
+        st.error(
+            f"{shown.count:,} deliveries match; one bulk operation may touch at most {cap:,} "
+            "(CAPSULE_BULK_MAX_ROWS). Narrow the filter and run it in parts.",
+            icon=":material/block:",
+        )
+    elif shown.active is not None:
+        st.error(ui.text(bulk.conflict_message(shown.active)), icon=":material/block:")
     else:
         with st.expander(
             f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True
@@ -261,6 +277,10 @@ def render() -> None:
         if st.session_state.get(DRY_RUN_KEY) == signature:
             _dry_run(flt, rate)
             st.subheader("3 · Confirm and start")
+            for warning in shown.warnings:  # the single-row dialog's warnings, for named classes
+                st.warning(
+                    warning, icon=":material/warning:"
+                )  # our own text: counts and class names
             _launch(operator, flt, shown.count, rate)
         else:
             st.caption("Run the dry run for this filter and rate before starting.")

@@ -117,7 +117,7 @@ def test_a_missing_key_keeps_the_letter_scheduled_alerts_once_and_it_goes_out_wh
     assert provider_server.count_for_key(stored.idempotency_key) == 1
     assert row(full, delivery_id).attempt_count == 1
     with session_scope(full.session_factory) as session:
-        assert health.waiting_for_keys(session) == {}
+        assert health.waiting_for_keys(session, full.settings, back) == {}
 
 
 def test_a_missing_key_keeps_the_pin_of_a_letter_that_may_have_reached_its_provider(
@@ -155,7 +155,7 @@ def test_a_tampered_letter_with_its_key_present_fails_as_decryption(
     # the letter never went out; its owner is told, as for any failed letter today
     assert [m.tags.get("kind") for m in provider_server.messages()] == ["delivery_failed"]
     with session_scope(full.session_factory) as session:
-        assert health.waiting_for_keys(session) == {}
+        assert health.waiting_for_keys(session, full.settings, utcnow()) == {}
 
 
 def test_the_missing_key_wait_is_a_setting(apps: tuple[App, App]) -> None:

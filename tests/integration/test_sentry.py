@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,10 +21,14 @@ import pytest
 
 from core import alerts
 from core.bootstrap import App
+from core.config import Settings
 from core.policy import utcnow
+from huey_app import make_huey
+from tasks.delivery import deliver
+from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
-from tests.harness import Consumer, System, wait_for
+from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 SUBJECT = "Zebra quartz lantern 7d1f"
 BODY = "Marmalade octopus under the 93ab bridge, my secret plans"
@@ -46,6 +51,16 @@ def _not_writable(consumer: Consumer, directory: Path) -> None:
             "--",
             *consumer.args,
         ]
+
+
+def crashes(sentry: FakeSentry) -> list[dict]:
+    """Events of tasks that raised, as reported by sentry-sdk's Huey integration."""
+    return [
+        event
+        for event in sentry.events()
+        if (event.get("exception") or {}).get("values", [{}])[-1].get("mechanism", {}).get("type")
+        == "huey"
+    ]
 
 
 def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: Path) -> None:
@@ -88,6 +103,16 @@ def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: P
                 )
 
             wait_for(outbox_event, timeout=60, what="the outbox failure at the fake Sentry")
+
+            # And a task that crashes is reported by the Huey integration with its task name
+            queue = make_huey(Settings.from_env(system.env))
+            HueyEnqueuer(queue)  # registers capsule.deliver with this queue
+            queue.enqueue(deliver.s("not-a-delivery-id"))
+
+            def task_event() -> bool:
+                return bool(crashes(sentry))
+
+            wait_for(task_event, timeout=30, what="the crashed task at the fake Sentry")
         finally:
             consumer.stop()
         received = sentry.received()
@@ -106,6 +131,10 @@ def test_an_unwritable_outbox_reaches_sentry_without_the_letter_text(tmp_path: P
     ]
     assert frames and not any("vars" in frame for frame in frames)
     assert event["tags"]["component"] == "consumer"
+    [crash] = crashes(sentry)[:1]
+    assert crash["extra"]["huey-job"] == {"task": "capsule.deliver", "retry": 0}
+    assert crash["exception"]["values"][-1]["type"] == "ValueError"
+    assert b"not-a-delivery-id" not in received  # task arguments are not sent
     # nor in the consumer's own log
     assert SUBJECT not in log and BODY not in log
     assert "cannot be written" in log
@@ -162,8 +191,6 @@ def test_failing_webhook_and_heartbeat_log_host_and_status_never_the_token(
 
 def test_unreachable_webhook_and_heartbeat_log_no_token(caplog: pytest.LogCaptureFixture) -> None:
     # Given URLs with tokens on a port where nothing listens
-    from core.config import Settings
-
     settings = Settings(
         alert_webhook_url=f"http://127.0.0.1:9/hooks/{TOKEN}",
         heartbeat_url=f"http://user:{TOKEN}@127.0.0.1:9/ping?token={TOKEN}",
@@ -178,3 +205,33 @@ def test_unreachable_webhook_and_heartbeat_log_no_token(caplog: pytest.LogCaptur
     # Then the error type and host are logged, the token is not
     assert "host 127.0.0.1: ConnectError" in caplog.text
     assert TOKEN not in caplog.text
+
+
+def test_a_crashing_cli_process_reports_without_its_arguments(tmp_path: Path) -> None:
+    # Given a process started like `capsule schedule --subject ... --body ...` with Sentry on
+    script = (
+        "import sys\n"
+        "from core.config import Settings\n"
+        "from core.telemetry import init_sentry\n"
+        "init_sentry(Settings.from_env(), component='cli')\n"
+        "raise RuntimeError('unexpected failure')\n"
+    )
+    with FakeSentry() as sentry:
+        system = System(var_dir=tmp_path / "var", database_url="", key_entry=KEY_ENTRY)
+        system.settings = {"CAPSULE_SENTRY_DSN": sentry.dsn}
+        # When it dies of an uncaught exception
+        subprocess.run(
+            [str(BIN / "python"), "-c", script, "schedule", "--subject", SUBJECT, "--body", BODY],
+            env=system.env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_for(lambda: sentry.events(), timeout=15, what="the crash at the fake Sentry")
+        received = sentry.received()
+
+    # Then the crash is reported, and the letter text on its command line is not
+    [event] = sentry.events()
+    assert event["exception"]["values"][-1]["type"] == "RuntimeError"
+    assert event["tags"]["component"] == "cli"
+    assert SUBJECT.encode() not in received and BODY.encode() not in received

@@ -45,6 +45,9 @@ def test_values_are_parsed() -> None:
         ({"CAPSULE_REDIS_URL": "localhost:6379"}, "CAPSULE_REDIS_URL"),
         ({"CAPSULE_DEMO_MODE": "true", "CAPSULE_REDIS_URL": "redis://x"}, "CAPSULE_DEMO_MODE"),
         ({"CAPSULE_BACKOFF_MAX_SECONDS": "1e"}, "CAPSULE_BACKOFF_MAX_SECONDS"),
+        ({"CAPSULE_LOG_FORMAT": "xml"}, "CAPSULE_LOG_FORMAT"),
+        ({"CAPSULE_LOG_LEVEL": "loud"}, "CAPSULE_LOG_LEVEL"),
+        ({"CAPSULE_METRICS_PORT": "70000"}, "CAPSULE_METRICS_PORT"),
     ],
 )
 def test_invalid_values_fail_naming_the_variable(env: dict[str, str], variable: str) -> None:

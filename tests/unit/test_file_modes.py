@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from core.config import Settings
 from core.db import make_engine
-from core.files import append_private, private_dir, private_file
+from core.files import append_private, private_dir, private_file, private_sqlite
 from core.locks import single_runner
 from core.providers.outbox import OutboxProvider
 from tests.fakes.fixtures import make_email
@@ -38,24 +38,33 @@ def test_directories_are_made_0700_with_their_missing_parents(tmp_path: Path) ->
     assert mode(made) == 0o700 and mode(tmp_path / "a") == 0o700
 
 
-def test_an_existing_directory_is_tightened_only_when_asked(tmp_path: Path) -> None:
+def test_existing_directories_are_never_changed(tmp_path: Path) -> None:
+    # A misconfigured CAPSULE_VAR_DIR (/etc, run as root) must not rewrite system modes.
     shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
+    shared.mkdir()
     os.chmod(shared, 0o755)
 
     private_dir(shared)
-    assert mode(shared) == 0o755  # the operator's directory keeps its mode
+    private_sqlite(shared / "capsule.db")
+    append_private(shared / "keys", "k1:secret\n")
 
-    private_dir(shared, tighten=True)
-    assert mode(shared) == 0o700
+    assert mode(shared) == 0o755
+    assert mode(shared / "capsule.db") == 0o600 and mode(shared / "keys") == 0o600
 
 
-def test_a_shared_sticky_directory_is_never_tightened(tmp_path: Path) -> None:
-    sticky = tmp_path / "tmp-like"
-    sticky.mkdir()
-    os.chmod(sticky, 0o1777)
-    private_dir(sticky, tighten=True)
-    assert mode(sticky) == 0o1777
+def test_a_database_path_pointing_at_some_other_file_leaves_it_alone(tmp_path: Path) -> None:
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.chmod(other, 0o644)
+    private_sqlite(other)
+    assert mode(other) == 0o644
+
+
+def test_only_regular_files_are_tightened(tmp_path: Path) -> None:
+    fifo = tmp_path / "capsule.db-wal"
+    os.mkfifo(fifo, 0o644)
+    private_sqlite(tmp_path / "capsule.db")  # tightens an old -wal, but only a regular file
+    assert mode(fifo) == 0o644
 
 
 def test_appended_secrets_are_0600_even_if_they_could_never_be_tightened_later(
@@ -87,6 +96,15 @@ def test_a_world_readable_file_from_an_older_version_is_tightened(tmp_path: Path
     os.chmod(other, 0o664)
     private_file(other)
     assert mode(other) == 0o600
+
+    database = tmp_path / "old.db"
+    database.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    wal = tmp_path / "old.db-wal"
+    wal.write_bytes(b"")
+    os.chmod(database, 0o644)
+    os.chmod(wal, 0o644)
+    private_sqlite(database)
+    assert mode(database) == 0o600 and mode(wal) == 0o600
 
 
 def test_the_sqlite_database_and_its_wal_and_shm_are_0600_in_a_0700_var(tmp_path: Path) -> None:
