@@ -350,13 +350,14 @@ class Processed:
     delivery_id: uuid.UUID | None = None
     status: str | None = None
     notify: bool = False
+    repeated: bool = False  # processed before: nothing done this time
 
 
 def process_event(session: Session, event_id: int, *, now: datetime) -> Processed:
     """Apply one stored event once; the caller commits. Safe to call again for the same event."""
     event = session.get(WebhookEvent, event_id, with_for_update=True, populate_existing=True)
     if event is None or event.processed_at is not None:
-        return Processed(event.outcome if event else None)
+        return Processed(event.outcome if event else None, repeated=True)
     delivery = find_delivery(session, event)
     address = event.recipient or (delivery.recipient_email if delivery else None)
     dead = event.type == COMPLAINED or (
@@ -451,6 +452,13 @@ def process_and_notify(app: App, event_id: int, *, now: datetime) -> Processed:
     with session_scope(app.session_factory) as session:
         result = process_event(session, event_id, now=now)
         session.commit()
+        kind = session.execute(
+            select(WebhookEvent.provider, WebhookEvent.type).where(WebhookEvent.id == event_id)
+        ).one_or_none()
+    if result.outcome is not None and kind is not None and not result.repeated:
+        from core.metrics import WEBHOOK_EVENTS
+
+        WEBHOOK_EVENTS.labels(kind.provider, kind.type, result.outcome).inc()
     if result.notify and result.delivery_id is not None:
         notifications.send_pending(app, now=now, delivery_id=result.delivery_id)
     return result

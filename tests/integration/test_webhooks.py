@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from core import webhooks
@@ -101,6 +102,14 @@ def test_a_hard_bounce_marks_the_letter_suppresses_the_address_and_asks_one_noti
 ) -> None:
     # Given a letter Resend accepted
     delivery_id = sent_letter(app)
+    labels = {"provider": "resend", "type": "bounced"}
+    before = {
+        outcome: REGISTRY.get_sample_value(
+            "capsule_webhook_events_total", {**labels, "outcome": outcome}
+        )
+        or 0
+        for outcome in ("applied", "unchanged")
+    }
 
     # When its hard bounce arrives, twice (the provider retries with the same svix-id)
     for _ in range(2):
@@ -117,6 +126,15 @@ def test_a_hard_bounce_marks_the_letter_suppresses_the_address_and_asks_one_noti
     )
     assert count(app, Notification, Notification.kind == DELIVERY_BOUNCED) == 1
     assert count(app, AuditEvent, AuditEvent.type == "delivery.bounced") == 1
+    # and the metrics count it once as applied (the duplicate was stored once, processed once)
+    after = {
+        outcome: REGISTRY.get_sample_value(
+            "capsule_webhook_events_total", {**labels, "outcome": outcome}
+        )
+        or 0
+        for outcome in ("applied", "unchanged")
+    }
+    assert after["applied"] - before["applied"] == 1
     # and the subject the provider echoed was never stored
     with session_scope(app.session_factory) as s:
         payload = s.scalar(select(WebhookEvent.payload))
