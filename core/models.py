@@ -210,6 +210,8 @@ class Delivery(Base):
         ),
         Index("ix_deliveries_status_updated", "status", "updated_at"),
         Index("ix_deliveries_user", "user_id", "created_at"),
+        # provider webhooks find their letter by the message id recorded at send
+        Index("ix_deliveries_provider_message_id", "provider_message_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -246,7 +248,17 @@ class DeliveryAttempt(Base):
     """One row per provider call."""
 
     __tablename__ = "delivery_attempts"
-    __table_args__ = (Index(None, "delivery_id", "id"), Index(None, "started_at"))
+    __table_args__ = (
+        Index(None, "delivery_id", "id"),
+        Index(None, "started_at"),
+        # provider webhooks: a message id an accepted call got, when the row does not hold it
+        Index(
+            "ix_delivery_attempts_provider_message_id",
+            "provider_message_id",
+            postgresql_where=text("provider_message_id IS NOT NULL"),
+            sqlite_where=text("provider_message_id IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deliveries.id"))

@@ -314,34 +314,36 @@ def store_event(session: Session, event: ParsedEvent, *, now: datetime) -> tuple
 
 
 def find_delivery(session: Session, event: WebhookEvent) -> Delivery | None:
-    """The delivery an event is about: by the message id recorded at send (on the row, then on
-    its attempts), else by the delivery id the letter carried as a tag."""
-    message_id = event.provider_message_id
-    if message_id:
-        row = session.scalar(
-            select(Delivery).where(
-                Delivery.provider_message_id == message_id, Delivery.provider == event.provider
-            )
-        )
-        if row is not None:
-            return row
-        delivery_id = session.scalar(
-            select(DeliveryAttempt.delivery_id)
-            .where(
-                DeliveryAttempt.provider_message_id == message_id,
-                DeliveryAttempt.provider == event.provider,
-            )
-            .limit(1)
-        )
-        if delivery_id is not None:
-            return session.get(Delivery, delivery_id)
+    """The delivery an event is about: the delivery id the letter (never a notice) carried as
+    a tag, a primary-key probe; else the message id recorded at send, on the row, then on its
+    attempts (both indexed)."""
     hint = (event.payload or {}).get("delivery_hint")
     if hint:
         try:
-            return session.get(Delivery, uuid.UUID(str(hint)))
+            row = session.get(Delivery, uuid.UUID(str(hint)))
         except ValueError:
-            return None
-    return None
+            row = None
+        if row is not None:
+            return row
+    message_id = event.provider_message_id
+    if not message_id:
+        return None
+    row = session.scalar(
+        select(Delivery).where(
+            Delivery.provider_message_id == message_id, Delivery.provider == event.provider
+        )
+    )
+    if row is not None:
+        return row
+    delivery_id = session.scalar(
+        select(DeliveryAttempt.delivery_id)
+        .where(
+            DeliveryAttempt.provider_message_id == message_id,
+            DeliveryAttempt.provider == event.provider,
+        )
+        .limit(1)
+    )
+    return session.get(Delivery, delivery_id) if delivery_id is not None else None
 
 
 @dataclass(frozen=True)

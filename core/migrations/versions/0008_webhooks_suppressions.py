@@ -41,6 +41,16 @@ def upgrade() -> None:
         batch.create_check_constraint("status", NEW_STATUSES)
         batch.create_check_constraint("bounce_kind", "bounce_kind in ('hard','soft')")
     _sent_index(NEW_SENT, OLD_SENT)
+    op.create_index(
+        "ix_deliveries_provider_message_id", "deliveries", ["provider_message_id"]
+    )
+    op.create_index(
+        "ix_delivery_attempts_provider_message_id",
+        "delivery_attempts",
+        ["provider_message_id"],
+        postgresql_where=sa.text("provider_message_id IS NOT NULL"),
+        sqlite_where=sa.text("provider_message_id IS NOT NULL"),
+    )
     op.create_table(
         "webhook_events",
         sa.Column("id", BigId, nullable=False),
@@ -119,6 +129,8 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_webhook_events_provider_message_id"), table_name="webhook_events")
     op.drop_index(op.f("ix_webhook_events_delivery_id_id"), table_name="webhook_events")
     op.drop_table("webhook_events")
+    op.drop_index("ix_delivery_attempts_provider_message_id", table_name="delivery_attempts")
+    op.drop_index("ix_deliveries_provider_message_id", table_name="deliveries")
     # Rows in the new states go back to the nearest old one before the constraint narrows.
     op.execute(
         "UPDATE deliveries SET status = 'sent' "
