@@ -101,8 +101,8 @@ def _summary(d: DeliveryDetail) -> None:
     )
     if d.status == "held":
         st.warning(
-            "Held: the recipient address is on the suppression list. Release it with "
-            f"{ui.code('capsule release ' + d.id + ' --reason …')}, or cancel it.",
+            "Held: the recipient address is on the suppression list. Release it (it is sent "
+            "now) or cancel it, with a reason.",
             icon=":material/pause_circle:",
         )
 
@@ -170,6 +170,8 @@ def render() -> None:
     _summary(detail)
     if detail.status == "failed":
         actions.buttons(operator, [detail.id], key="detail")
+    elif detail.status == "held":
+        actions.buttons(operator, [detail.id], key="detail", actions=actions.HELD_ACTIONS)
     _timeline(detail)
     _provider_events(detail)
     left, right = st.columns([3, 2])

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, select, update
 
 from core import webhooks
 from core.db import make_session_factory, session_scope
-from core.models import Delivery
+from core.models import AuditEvent, Delivery
 from core.operators import Operator, Role
 from core.policy import utcnow
 from tests.console.conftest import Runner, Seams
@@ -75,3 +75,40 @@ def test_triage_lists_a_letter_bounced_after_send_and_opens_its_events(
     assert "Provider events" in {s.value for s in at.subheader}
     events = next(d.value for d in at.dataframe if "bounce_kind" in d.value.columns)
     assert events["type"].tolist() == ["bounced"]
+
+
+def test_support_releases_a_held_letter_from_its_page_with_a_reason(
+    console: Runner, console_env: Seams
+) -> None:
+    # Given a due letter held for a suppressed address
+    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
+    sessions = make_session_factory(engine)
+    now = utcnow()
+    with session_scope(sessions) as s:
+        row = s.scalars(select(Delivery).where(Delivery.status == "scheduled").limit(1)).one()
+        delivery_id = row.id
+        s.execute(update(Delivery).where(Delivery.id == row.id).values(next_attempt_at=now))
+        webhooks.suppress(s, row.recipient_email, "hard_bounce", now=now, actor="test")
+        assert webhooks.hold_if_suppressed(s, row.id, now=now)
+        s.commit()
+
+    # When support opens it, presses Release and gives a reason
+    at = console(SUPPORT, page="delivery")
+    at.text_input(key="detail_query").input(str(delivery_id)).run()
+    assert {"Release", "Cancel"} <= {b.label for b in at.button}
+    assert "Requeue" not in {b.label for b in at.button}
+    at.button(key="detail_release").click().run()
+    at.text_area(key="action_reason").input("owner confirmed the address works again")
+    at = next(b for b in at.button if b.label.startswith("Release 1")).click().run()
+    assert not at.exception, at.exception
+
+    # Then it is scheduled again, due now, and the release is audited with the operator
+    with session_scope(sessions) as s:
+        assert s.scalar(select(Delivery.status).where(Delivery.id == delivery_id)) == "scheduled"
+        released = s.scalars(
+            select(AuditEvent).where(
+                AuditEvent.delivery_id == delivery_id, AuditEvent.type == "delivery.released"
+            )
+        ).one()
+    assert "sam" in released.actor and released.reason == "owner confirmed the address works again"
+    engine.dispose()
