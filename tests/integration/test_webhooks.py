@@ -323,3 +323,21 @@ def test_support_removes_an_address_audited_and_a_held_letter_can_be_canceled(
         webhooks.release_held(
             app.session_factory, enqueuer, delivery_id, now=due, actor="s", reason="r"
         )
+
+
+def test_the_backstop_processes_an_event_whose_task_was_lost(app: App) -> None:
+    # Given a stored bounce nobody processed (its Huey task was lost)
+    from core.reconcile import run_backstop
+
+    delivery_id = sent_letter(app)
+    receive(app, webhooks.parse_resend("lost", resend("email.bounced")), at_minutes=3)
+    grace = app.settings.webhook_grace_seconds
+
+    # When the backstop runs within the grace, it leaves it; after the grace, it processes it
+    run_backstop(app, now=T0 + timedelta(minutes=3, seconds=grace - 1))
+    assert state(app, delivery_id) == ("sent", None)
+    report = run_backstop(app, now=T0 + timedelta(minutes=3, seconds=grace + 1))
+
+    assert state(app, delivery_id) == ("bounced", "hard")
+    assert report.recovered >= 1
+    assert count(app, Notification, Notification.kind == DELIVERY_BOUNCED) == 1
