@@ -336,8 +336,7 @@ def test_the_backstop_processes_an_event_whose_task_was_lost(app: App) -> None:
     # When the backstop runs within the grace, it leaves it; after the grace, it processes it
     run_backstop(app, now=T0 + timedelta(minutes=3, seconds=grace - 1))
     assert state(app, delivery_id) == ("sent", None)
-    report = run_backstop(app, now=T0 + timedelta(minutes=3, seconds=grace + 1))
+    run_backstop(app, now=T0 + timedelta(minutes=3, seconds=grace + 1))
 
     assert state(app, delivery_id) == ("bounced", "hard")
-    assert report.recovered >= 1
     assert count(app, Notification, Notification.kind == DELIVERY_BOUNCED) == 1
