@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -613,11 +613,11 @@ def list_suppressions(session: Session, *, include_removed: bool = False) -> lis
 # ---------------------------------------------------------------- held letters
 
 
-def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetime) -> bool:
-    """scheduled (due) → held when its address is on the list and no one released it since the
-    address was listed. Runs before the claim; the caller commits. True when it held."""
+def suppressed() -> ColumnElement[bool]:
+    """For a query on deliveries: the row's address is on the list, and no one released the
+    row since the address was listed. Batch claims leave such rows to their own run (held)."""
     live = and_(
-        Suppression.address == _lower(Delivery.recipient_email),
+        Suppression.address == func.lower(Delivery.recipient_email),
         Suppression.removed_at.is_(None),
     )
     released_since = exists().where(
@@ -625,7 +625,12 @@ def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetim
         AuditEvent.type == "delivery.released",
         AuditEvent.created_at >= Suppression.created_at,
     )
-    suppressed = exists().where(live, ~released_since)
+    return exists().where(live, ~released_since)
+
+
+def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetime) -> bool:
+    """scheduled (due) → held when `suppressed()`. Runs before the claim; the caller commits.
+    True when it held."""
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
@@ -633,7 +638,7 @@ def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetim
             Delivery.id == delivery_id,
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= now,
-            suppressed,
+            suppressed(),
         )
         .values(
             status=Status.HELD,
@@ -655,12 +660,6 @@ def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetim
         reason="the recipient address is on the suppression list",
     )
     return True
-
-
-def _lower(column: Any) -> Any:
-    from sqlalchemy import func
-
-    return func.lower(column)
 
 
 def release_held(
