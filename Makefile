@@ -8,7 +8,7 @@ CONSUMER_FLAGS ?= -w 4 -k thread
 PORT ?= 8501
 CHAOS_FLAGS ?=
 
-.PHONY: run test setup lint typecheck unit bench chaos clean
+.PHONY: run test setup lint typecheck unit mutate bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test: lint typecheck
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
+
+## make mutate: the mutation check of the invariants: each guard removed in turn must fail the
+## tests chosen for it (SQLite + PostgreSQL; a few minutes). docs/mutation.md lists them.
+mutate: setup
+	$(BIN)/python -m tests.mutate
 
 ## make bench: hot path, burst, recovery, scale and memory benchmarks on PostgreSQL + Redis
 ## (127.0.0.1; minutes each); figures are printed and written under benchmarks/results/

@@ -197,6 +197,9 @@ def _launch(operator: Operator, flt: FailedFilter, count: int, rate: float) -> N
             "success",
             f"Bulk operation #{launched.operation_id} started: {launched.expected_count:,} deliveries.",
         )
+        # Watched from now on: a worker may finish it before the page runs again, and only
+        # operations the page was watching are announced when they end.
+        st.session_state.setdefault(ACTIVE_KEY, set()).add(launched.operation_id)
     st.session_state.pop(DRY_RUN_KEY, None)
     data.refresh()
 

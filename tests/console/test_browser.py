@@ -166,9 +166,14 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
+def settled(page: Any) -> None:
+    """Until Streamlit has finished running the page's script (its own run-state marker)."""
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+
+
 def shot(page: Any, name: str) -> None:
     SHOTS.mkdir(exist_ok=True)
-    page.wait_for_timeout(300)  # let charts finish drawing
+    settled(page)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -186,7 +191,7 @@ def sign_in(browser: Any, url: str, username: str) -> Any:
 def go(page: Any, title: str) -> None:
     page.get_by_role("link", name=title).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
-    page.wait_for_timeout(500)
+    settled(page)
 
 
 def grid_text(page: Any, nth: int = 0) -> list[str]:
@@ -212,10 +217,15 @@ def eventually(read: Callable[[], T], what: str, seconds: float = 20) -> T:
         time.sleep(0.3)
 
 
-def click_first_row(page: Any) -> None:
-    """Tick the first row's selection box in the canvas-drawn grid."""
-    box = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
-    page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)
+def select_first_row(page: Any) -> None:
+    """Select the first row of the canvas-drawn grid with its keyboard, not a pixel offset:
+    an arrow key puts the cursor in the grid, ArrowUp moves it up until the first row (it
+    stops there), Shift+Space selects that row."""
+    settled(page)
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.locator('[data-testid="data-grid-canvas"]').focus()
+    for key in ("ArrowDown", "ArrowUp", "ArrowUp", "ArrowUp", "Shift+Space"):
+        page.keyboard.press(key)
 
 
 def test_console_end_to_end(stack: dict[str, Any], browser: Any) -> None:
@@ -244,7 +254,7 @@ def test_console_end_to_end(stack: dict[str, Any], browser: Any) -> None:
 
     go(page, "Triage")
     first_row = eventually(lambda: grid_text(page)[:2], "the failed list shows")
-    click_first_row(page)
+    select_first_row(page)
     expect(page.get_by_text("1 selected")).to_be_visible()
     shot(page, "04-triage-selected")
     page.get_by_role("button", name="Requeue").click()
@@ -276,7 +286,6 @@ def test_console_end_to_end(stack: dict[str, Any], browser: Any) -> None:
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name=f"Delivery {requeued}")).to_be_visible()
     expect(page.get_by_role("heading", name="Audit trail")).to_be_visible()
-    page.wait_for_timeout(800)
     shot(page, "07-delivery-detail")
     eventually(
         lambda: any(
@@ -325,7 +334,7 @@ def test_console_end_to_end(stack: dict[str, Any], browser: Any) -> None:
     rate = page.get_by_label("Rate (deliveries per second)")
     rate.fill("50")
     rate.press("Enter")
-    page.wait_for_timeout(500)
+    settled(page)
     page.get_by_role("button", name="Dry run").click()
     expect(page.get_by_text("Dry run: nothing was changed", exact=False)).to_be_visible()
     page.get_by_label(re.compile(r"^Reason \(required; recorded on every")).fill(

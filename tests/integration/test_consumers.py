@@ -7,7 +7,6 @@ minute boundaries; they measure, they do not sleep to fake time.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,13 +83,25 @@ class Live:
             self.redis.delete(*keys)
         return len(keys)
 
-    def assert_each_sent_once(self) -> None:
+    def assert_each_sent_once(self, *, resent_at_most: int = 0) -> None:
+        """Each letter reached the provider in one send request, counted at the fake.
+
+        Stored messages are not enough: Resend answers a known key with the first message and
+        stores nothing, so twins sending one letter would look like one. `resent_at_most`:
+        how many letters may have had a second request with the same key (a run killed
+        mid-send is re-run with its key; the fake replays it, as Resend does within 24 h).
+        """
         keys = [r.idempotency_key for r in self.rows()]
-        counts = {k: self.server.count_for_key(k) for k in keys}
-        duplicates = {k: c for k, c in counts.items() if c > 1}
-        missing = [k for k, c in counts.items() if c == 0]
+        stored = {k: self.server.count_for_key(k) for k in keys}
+        requests = {k: self.server.requests_for_key(k) for k in keys}
+        replays = {k: self.server.replays_for_key(k) for k in keys}
+        duplicates = {k: c for k, c in stored.items() if c > 1}
+        missing = [k for k, c in stored.items() if c == 0]
         assert not duplicates, f"sent more than once: {duplicates}"
         assert not missing, f"never sent: {len(missing)}"
+        resent = {k: n for k, n in requests.items() if n > 1}
+        assert all(requests[k] - replays[k] == 1 for k in resent), f"resent: {resent}"
+        assert len(resent) <= resent_at_most, f"{len(resent)} letters sent twice: {resent}"
 
 
 def provider_env(server: FakeProviderServer, **extra: str) -> dict[str, str]:
@@ -161,9 +172,10 @@ def test_two_consumer_processes_with_duplicate_tasks_send_each_letter_once(live:
     # When they have run
     wait_for(lambda: live.count(Status.SENT) == 30, timeout=60, what="30 sent")
 
-    # Then every letter reached the provider exactly once
+    # Then every letter reached the provider exactly once: one send request per key
     live.assert_each_sent_once()
     assert len(live.server.messages()) == 30
+    assert sum(live.server.key_counts()["requests"].values()) == 30
 
 
 @pytest.mark.parametrize("provider", ["resend", "postmark"])
@@ -201,7 +213,12 @@ def test_consumer_killed_after_claim_before_record_sends_no_second_message_on_re
 
     # Then no second message exists: Resend deduplicated the key, Postmark was looked up
     assert len(live.server.messages()) == 1
-    assert live.server.count_for_key(stuck.idempotency_key) == 1
+    key = stuck.idempotency_key
+    assert live.server.count_for_key(key) == 1
+    if provider == "resend":  # the re-run repeated the request with the same key: a replay
+        assert (live.server.requests_for_key(key), live.server.replays_for_key(key)) == (2, 1)
+    else:  # the re-run found the message and sent nothing
+        assert live.server.requests_for_key(key) == 1 and live.server.lookups_for_key(key) == 1
 
 
 def test_embedded_default_consumer_delivers_to_the_outbox(tmp_path: Path) -> None:
@@ -290,7 +307,7 @@ def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live
     live.consumer(workers=4)
 
     wait_for(lambda: live.count(Status.SENT) == 400, timeout=200, interval=1, what="all 400 sent")
-    live.assert_each_sent_once()
+    live.assert_each_sent_once(resent_at_most=in_flight)  # only a killed run's letter repeats
     assert len(live.server.messages()) == 400
     assert {row.id for row in live.rows() if row.status == Status.SENT} >= {
         row.id for row in in_flight
@@ -381,6 +398,7 @@ def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_
     ]
     assert results == [Status.SENT, None]
     [message] = live.server.messages()
+    assert live.server.requests_for_key(message.idempotency_key or "") == 1
     assert message.text.startswith("Dear future me")
 
 
@@ -392,11 +410,11 @@ def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: Live) 
 
     # Given letters that came due while the broker was down (no task was ever queued)
     live.app.enqueuer = _DeadBroker()
-    start = utcnow()
+    # (scheduled two seconds ago for one second ago: due now on the CLI's real clock)
+    start = utcnow() - timedelta(seconds=2)
     ids = [live.schedule(start + timedelta(seconds=1), now=start) for _ in range(5)]
     later = live.schedule(start + timedelta(days=3), now=start)
     assert all(row.task_id is None for row in live.rows())
-    time.sleep(1.1)  # until they are due in real time: the CLI reads the real clock
 
     # When the CLI runs with Redis unreachable
     live.system.redis_url = f"redis://127.0.0.1:{free_port()}/0"
@@ -409,6 +427,7 @@ def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: Live) 
     assert all(by_id[i].status == Status.SENT for i in ids)
     assert by_id[later].status == Status.SCHEDULED and by_id[later].task_id is None
     assert sorted(live.server.count_for_key(by_id[i].idempotency_key) for i in ids) == [1] * 5
+    assert sorted(live.server.requests_for_key(by_id[i].idempotency_key) for i in ids) == [1] * 5
     assert len(live.server.messages()) == 5
 
 

@@ -271,6 +271,8 @@ def test_postmark_pinned_retry_finds_the_message_instead_of_sending(
     assert first.pinned_provider == "postmark"
     assert retry.sent and retry.calls[0].message == "found by lookup"
     assert provider_server.count_for_key(mail.idempotency_key) == 1
+    assert provider_server.requests_for_key(mail.idempotency_key) == 1
+    assert provider_server.lookups_for_key(mail.idempotency_key) == 1
 
 
 # ---------------------------------------------------------------- driving the server over HTTP

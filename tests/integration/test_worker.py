@@ -137,7 +137,11 @@ def test_racing_threads_send_exactly_one_message(
         t.join()
 
     assert sorted(results, key=str) == [None] * 7 + [Status.SENT]
-    assert provider_server.count_for_key(key_of(world, delivery_id)) == 1
+    # Counted at the provider: one send request (a twin's would be a Resend replay, which
+    # stores nothing new but is a duplicate wherever the key is not remembered)
+    key = key_of(world, delivery_id)
+    assert provider_server.requests_for_key(key) == 1
+    assert provider_server.replays_for_key(key) == 0
     assert len(provider_server.messages()) == 1
 
 
@@ -158,9 +162,13 @@ def test_accepted_then_timed_out_retries_the_same_provider_with_the_same_key(
     later = stored.next_attempt_at + timedelta(seconds=1)
     assert run_delivery(world, delivery_id, "t2", clock=lambda: later) == Status.SENT
 
-    # Then the fake holds one message for the key and Postmark was never tried
-    assert provider_server.count_for_key(stored.idempotency_key) == 1
-    assert provider_server.messages("postmark") == []
+    # Then the second request carried the same key (Resend replayed it: one message) and
+    # Postmark was never tried
+    key = stored.idempotency_key
+    assert provider_server.requests_for_key(key, "resend") == 2
+    assert provider_server.replays_for_key(key) == 1
+    assert provider_server.count_for_key(key) == 1
+    assert provider_server.requests_for_key(key, "postmark") == 0
     assert [a.provider for a in attempts(world, delivery_id)] == ["resend", "resend"]
     assert [a.outcome for a in attempts(world, delivery_id)] == ["ambiguous", "accepted"]
 
@@ -200,6 +208,10 @@ def test_resend_refusing_or_503_fails_over_to_postmark(
     )
     calls = [(a.provider, a.outcome) for a in attempts(app, delivery_id)]
     assert calls == [("resend", "transient"), ("postmark", "accepted")]
+    assert provider_server.requests_for_key(stored.idempotency_key, "postmark") == 1
+    assert provider_server.requests_for_key(stored.idempotency_key, "resend") == (
+        0 if fault == "refused" else 1
+    )
     if fault == "503":
         assert attempts(app, delivery_id)[0].status_code == 503
 
@@ -240,6 +252,9 @@ def test_resend_422_fails_at_once_and_tells_the_owner_exactly_once(
         session.commit()
     notifications.send_pending(world, now=utcnow())
     assert len([m for m in provider_server.messages() if m.to == ["owner@example.com"]]) == 1
+    # Counted at the provider: the notice's key reached it once (a second notice with the
+    # same key would be a replay at the fake, a duplicate at Postmark or after 24 h)
+    assert provider_server.requests_for_key(f"{stored.idempotency_key}-delivery_failed") == 1
     with session_scope(world.session_factory) as session:
         note = session.scalars(select(Notification)).one()
     assert note.status == "sent"
@@ -298,7 +313,11 @@ def test_an_outage_that_opens_every_circuit_delays_a_letter_but_never_fails_it(
         provider_server.set_faults("all")
         now = stored.next_attempt_at
         assert run_delivery(app, delivery_id, "t2", clock=lambda: now) == Status.SENT
-        assert provider_server.count_for_key(key_of(app, delivery_id)) == 1
+        key = key_of(app, delivery_id)
+        assert provider_server.count_for_key(key) == 1
+        # one 503 from each in the first run, nothing while the circuits were open, one trial
+        assert provider_server.requests_for_key(key, "resend") == 2
+        assert provider_server.requests_for_key(key, "postmark") == 1
     finally:
         app.chain.close()
         engine.dispose()
@@ -325,5 +344,5 @@ def test_a_canceled_or_rescheduled_later_delivery_sends_nothing_when_its_old_tas
 
     assert run_delivery(world, canceled, "old-task") is None
     assert run_delivery(world, moved, "old-task") is None
-    assert provider_server.messages() == []
+    assert provider_server.stats()["requests"] == {}  # no request reached the provider
     assert attempts(world, canceled) == [] and attempts(world, moved) == []
