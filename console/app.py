@@ -25,10 +25,13 @@ except ConfigError as exc:  # e.g. demo mode with a real provider: refuse, in on
     st.stop()
 
 operator = auth.current_operator()
+auth.cookie_script()
 if operator is None:
     st.navigation([st.Page(auth.login_page, title="Sign in", icon=":material/login:")]).run()
 else:
     auth.sidebar(operator)
+    with st.sidebar:
+        ui.time_toggle()
     auth.demo_banner(operator)
     pages = {
         "Monitor": [

@@ -11,6 +11,14 @@ Three modes, chosen by configuration:
 - **Demo mode** when CAPSULE_DEMO_MODE is on (allowed only on the embedded default): everyone
   is the demo ops user, and every page says so.
 
+A local sign-in also starts a server-side session (`core.sessions`, table
+`console_sessions`): the browser keeps its signed, expiring token in a cookie, so a new tab
+resumes it. Streamlit has no server API to set a cookie, so a small script (st.html with
+JavaScript, never iframed) sets it in the page; `st.context.cookies` reads it back when a tab
+connects. The token is checked against the database on every page run, and signing out
+revokes it for every tab. A `[console] session_secret` in the secrets signs tokens; without one
+each console process signs with its own random key (a restart signs everyone out).
+
 The operator is looked up again on every page run (the `[operators]` entry, or the `[roles]`
 table): a removed or demoted operator, or one whose password was replaced, loses access at the
 next click, not at the end of the session. The role decides what the pages show; `core.triage`
@@ -19,13 +27,17 @@ and `core.bulk` enforce it again.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import streamlit as st
 
 from console import data, ui
+from core import sessions
 from core.db import session_scope
 from core.operators import (
     DEMO_OPERATOR,
@@ -39,6 +51,9 @@ from core.policy import utcnow
 
 OPERATOR_KEY = "_operator"
 FINGERPRINT_KEY = "_operator_hash"
+TOKEN_KEY = "_session_token"
+COOKIE_KEY = "_session_cookie"  # what the page's cookie script does: ("set", token) | ("clear",)
+COOKIE = "capsule_session"
 
 
 def _secret(name: str) -> Mapping[str, Any] | None:
@@ -91,29 +106,118 @@ def _email_verified(claim: Any) -> bool:
 
 
 def _local_operator() -> Operator | None:
-    """The session's local operator as the `[operators]` table has it now, or None (and the
-    session forgets it) when the entry is gone, its role is unknown, or its hash changed."""
+    """The local operator of this tab (or of the browser's session cookie, in a new tab) as
+    the `[operators]` table has it now, or None, and the tab forgets it, when the session was
+    revoked or expired, the entry is gone, its role is unknown, or its hash changed."""
     found = st.session_state.get(OPERATOR_KEY)
+    token = st.session_state.get(TOKEN_KEY)
     if not isinstance(found, Operator):
-        return None
+        token = browser_token()
+        if not token:
+            return None
+    if token:
+        resumed = _resume(token)
+        if resumed is None or (isinstance(found, Operator) and found.identity != resumed.username):
+            _forget()
+            return None
+        username, signed_with = resumed.username, resumed.fingerprint
+        st.session_state[TOKEN_KEY] = token
+    else:  # signed in in this tab without a session (no fingerprint to tie one to)
+        assert isinstance(found, Operator)
+        username, signed_with = found.identity, st.session_state.get(FINGERPRINT_KEY)
     accounts = _secret("operators") or {}
-    current = account_operator(accounts, found.identity)
-    entry = accounts.get(found.identity)
-    signed_with = st.session_state.get(FINGERPRINT_KEY)
+    current = account_operator(accounts, username)
+    entry = accounts.get(username)
     replaced = (
         signed_with is not None
         and isinstance(entry, Mapping)
         and hash_fingerprint(str(entry.get("password_hash", ""))) != signed_with
     )
-    if replaced:
-        current = None
-    if current is None:
-        st.session_state.pop(OPERATOR_KEY, None)
-        st.session_state.pop(FINGERPRINT_KEY, None)
+    if replaced or current is None:
+        _forget()
         return None
     if current != found:
         st.session_state[OPERATOR_KEY] = current
+    st.session_state[FINGERPRINT_KEY] = signed_with
     return current
+
+
+def _forget() -> None:
+    for key in (OPERATOR_KEY, FINGERPRINT_KEY, TOKEN_KEY):
+        st.session_state.pop(key, None)
+
+
+# ---------------------------------------------------------------- sessions that survive a tab
+
+
+@st.cache_resource(show_spinner=False)
+def _process_key() -> bytes:
+    return sessions.new_key()
+
+
+def session_key() -> bytes:
+    """The key that signs session tokens: from `[console] session_secret`, else this
+    process's own random key."""
+    configured = (_secret("console") or {}).get("session_secret")
+    if configured:
+        return hashlib.sha256(str(configured).encode()).digest()
+    return _process_key()
+
+
+def session_ttl() -> timedelta:
+    """How long a sign-in lasts: `[console] session_hours` (default 12)."""
+    raw = (_secret("console") or {}).get("session_hours", 12)
+    try:
+        hours = float(raw)
+    except (TypeError, ValueError):
+        hours = 0.0
+    return timedelta(hours=hours) if 0 < hours <= 24 * 30 else sessions.DEFAULT_TTL
+
+
+def browser_token() -> str | None:
+    """The session token in the cookie the browser sent when this tab connected."""
+    try:
+        value = st.context.cookies.get(COOKIE)
+    except Exception:  # no browser behind this run (tests, bare mode)
+        return None
+    return str(value) if value else None
+
+
+def _resume(token: str) -> sessions.Resumed | None:
+    with session_scope(data.get_app().session_factory) as s:
+        return sessions.resume(s, token, key=session_key(), now=utcnow())
+
+
+def _start_session(username: str, fingerprint: str) -> None:
+    ttl = session_ttl()
+    with session_scope(data.get_app().session_factory) as s:
+        token = sessions.issue(
+            s, username=username, fingerprint=fingerprint, key=session_key(), now=utcnow(), ttl=ttl
+        )
+        s.commit()
+    st.session_state[TOKEN_KEY] = token
+    st.session_state[COOKIE_KEY] = ("set", token, int(ttl.total_seconds()))
+
+
+def cookie_script() -> None:
+    """Set or clear the session cookie in the browser (Streamlit cannot from the server). The
+    token is ours (base64url and dots), never user input; json.dumps quotes it anyway."""
+    action = st.session_state.get(COOKIE_KEY)
+    if not action:
+        return
+    if action[0] == "set":
+        value, max_age = action[1], int(action[2])
+    else:
+        value, max_age = "", 0
+    st.html(
+        "<script>(() => {"
+        'const secure = window.location.protocol === "https:" ? "; Secure" : "";'
+        f"document.cookie = {json.dumps(COOKIE + '=')} + {json.dumps(value)}"
+        f' + "; Path=/; Max-Age={max_age}; SameSite=Strict" + secure;'
+        "})();</script>",
+        unsafe_allow_javascript=True,
+        width="content",
+    )
 
 
 def require_operator() -> Operator:
@@ -127,11 +231,18 @@ def require_operator() -> Operator:
 
 
 def sign_out() -> None:
+    """OIDC: st.logout(). Local: revoke the session (every tab holding it is signed out at its
+    next click), forget it here, and clear the cookie."""
     if mode() == "oidc":
         st.logout()
         return
-    st.session_state.pop(OPERATOR_KEY, None)
-    st.session_state.pop(FINGERPRINT_KEY, None)
+    token = st.session_state.get(TOKEN_KEY) or browser_token()
+    if token:
+        with session_scope(data.get_app().session_factory) as s:
+            sessions.revoke(s, token, key=session_key(), now=utcnow())
+            s.commit()
+    _forget()
+    st.session_state[COOKIE_KEY] = ("clear",)
     st.cache_data.clear()
     st.rerun()
 
@@ -245,6 +356,8 @@ def _local_login() -> None:
         return
     st.session_state[OPERATOR_KEY] = result.operator
     st.session_state[FINGERPRINT_KEY] = result.fingerprint
+    if result.fingerprint:
+        _start_session(result.operator.identity, result.fingerprint)
     st.rerun()
 
 

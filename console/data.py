@@ -7,11 +7,15 @@ Everything returned is a dataclass or a DataFrame from `core.queries`, never an 
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import IO, Any, BinaryIO, cast
 
 import pandas as pd
 import streamlit as st
@@ -19,7 +23,7 @@ import streamlit as st
 from core import bulk, queries
 from core.bootstrap import App, build_app
 from core.config import Settings
-from core.db import session_scope
+from core.db import SessionFactory, session_scope
 from core.dispatch import Enqueuer
 from core.policy import utcnow
 from core.queries import AuditCursor, AuditFilter, FailedFilter
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 FAST = 5  # seconds: what an operator just acted on
 NORMAL = 30  # seconds: lists and tiles
 SLOW = 300  # seconds: menus
+SEARCH_LIMIT = queries.SEARCH_SCAN_LIMIT  # failed rows a triage search reads at most
+EXPORT_CHUNK = 1000  # rows read per query while exporting
+EXPORT_SPOOL_BYTES = 8 * 1024 * 1024  # an export larger than this is written to disk
 
 WINDOWS = {
     "24 h": (timedelta(hours=24), "hour"),
@@ -146,9 +153,78 @@ def stuck_items(limit: int = 50) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
-def failed_list(flt: FailedFilter, limit: int = 200) -> pd.DataFrame:
+def search_scope(flt: FailedFilter) -> queries.SearchScope:
     with session_scope(get_app().session_factory) as s:
-        return queries.failed_deliveries(s, flt, limit=limit)
+        return queries.search_scope(s, flt, limit=SEARCH_LIMIT)
+
+
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def failed_page(
+    flt: FailedFilter, limit: int = 50, after: queries.FailedCursor | None = None
+) -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.failed_deliveries(s, flt, limit=limit, after=after)
+
+
+CSV_COLUMNS = [
+    "id",
+    "failed_at",
+    "error_class",
+    "provider",
+    "status_code",
+    "last_error",
+    "attempts",
+    "recipient_email",
+    "owner_email",
+    "notified",
+]
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a leading = + - @ would start a formula."""
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_failed_csv(
+    session_factory: SessionFactory, flt: FailedFilter, out: IO[str], *, now: datetime
+) -> int:
+    """Every failed delivery `flt` matches (pinned at `now`) as CSV with a header row, read
+    and written in chunks; returns the number of data rows."""
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    rows = 0
+    with session_scope(session_factory) as s:
+        for chunk in queries.failed_chunks(s, flt, now=now, chunk=EXPORT_CHUNK):
+            for record in chunk[CSV_COLUMNS].itertuples(index=False):
+                writer.writerow([_csv_cell(v) for v in record])
+            rows += len(chunk)
+    return rows
+
+
+def failed_csv(flt: FailedFilter) -> Callable[[], bytes]:
+    """For st.download_button: builds the export when clicked, on Streamlit's download thread
+    (without the page's context). Rows are read and written a chunk at a time into a
+    temporary file that spills to disk; Streamlit then serves the file's bytes."""
+    session_factory = get_app().session_factory
+
+    def build() -> bytes:
+        with tempfile.SpooledTemporaryFile(max_size=EXPORT_SPOOL_BYTES) as spool:
+            text = io.TextIOWrapper(cast(BinaryIO, spool), encoding="utf-8", newline="")
+            rows = write_failed_csv(session_factory, flt, text, now=utcnow())
+            text.flush()
+            text.detach()
+            spool.seek(0)
+            log.info("triage export: %d rows", rows)
+            return spool.read()
+
+    return build
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)

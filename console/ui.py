@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pandas as pd
 import streamlit as st
@@ -48,6 +49,7 @@ _BARE_EMAIL = re.compile(r"(?<=[\w.+-])(\\@)")
 _BACKTICKS = re.compile(r"`+")
 _LINE_BREAKS = re.compile(r"[\r\n\v\f\x85\u2028\u2029]+")
 TIME_FORMAT = "YYYY-MM-DD HH:mm:ss"
+LOCAL_TIME_KEY = "show_local_time"
 
 
 def text(value: Any) -> str:
@@ -84,10 +86,59 @@ def age(seconds: float | None) -> str:
     return f"-{text}" if seconds < 0 else text
 
 
+def browser_zone() -> str | None:
+    """The reader's IANA time zone as the browser reports it, or None (unknown or invalid)."""
+    try:
+        zone = st.context.timezone
+    except Exception:  # no browser behind this run (tests, bare mode)
+        return None
+    if not zone:
+        return None
+    try:
+        ZoneInfo(str(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+    return str(zone)
+
+
+def display_zone() -> str:
+    """The zone times are shown in: UTC (stored and default), or the browser's when the
+    reader turned the sidebar toggle on."""
+    zone = browser_zone()
+    return zone if zone and st.session_state.get(LOCAL_TIME_KEY) else "UTC"
+
+
+def time_toggle() -> None:
+    """The sidebar switch between UTC and the browser's zone."""
+    zone = browser_zone()
+    st.toggle(
+        f"Times in my zone ({zone})" if zone else "Times in my zone (unknown)",
+        key=LOCAL_TIME_KEY,
+        disabled=zone is None,
+        help="Stored times are UTC, and UTC is shown unless this is on; every time shown "
+        "names its zone.",
+    )
+
+
+def zoned(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """`frame` with its UTC time `columns` converted to the display zone (for charts, whose
+    axes show wall-clock time)."""
+    zone = display_zone()
+    if zone == "UTC" or frame.empty:
+        return frame
+    return frame.assign(
+        **{c: pd.to_datetime(frame[c], utc=True).dt.tz_convert(zone) for c in columns}
+    )
+
+
 def when(moment: datetime | pd.Timestamp | None) -> str:
+    """A moment as text in the display zone, with the zone's abbreviation (UTC by default)."""
     if moment is None or pd.isna(moment):
         return "—"
-    return f"{pd.Timestamp(moment):%Y-%m-%d %H:%M:%S} UTC"
+    stamp = pd.Timestamp(moment)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+    local = stamp.tz_convert(display_zone())
+    return f"{local:%Y-%m-%d %H:%M:%S %Z}"
 
 
 def flash(kind: str, message: str) -> None:
@@ -108,7 +159,53 @@ def header(title: str, caption: str) -> None:
 
 
 def time_column(label: str, help: str | None = None) -> Any:
-    return st.column_config.DatetimeColumn(label, format=TIME_FORMAT, timezone="UTC", help=help)
+    """A datetime column shown in the display zone, the zone named in its header."""
+    zone = display_zone()
+    return st.column_config.DatetimeColumn(
+        f"{label} ({zone})", format=TIME_FORMAT, timezone=zone, help=help
+    )
+
+
+def detail_links(ids: pd.Series) -> pd.Series:
+    """Links to the delivery detail page for each id (relative, so a base path still works)."""
+    return "delivery?id=" + ids.astype(str)
+
+
+# Triage and the bulk page's sample show failed deliveries with the same columns and names.
+FAILED_ORDER = [
+    "link",
+    "failed_at",
+    "error_class",
+    "provider",
+    "status_code",
+    "last_error",
+    "recipient_email",
+    "owner_email",
+    "attempts",
+    "notified",
+]
+
+
+def failed_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (rows of `core.queries.failed_deliveries`) with a `link` column to each detail."""
+    return frame.assign(link=detail_links(frame["id"]))
+
+
+def failed_columns() -> dict[str, Any]:
+    return {
+        "failed_at": time_column("Failed at"),
+        "error_class": st.column_config.TextColumn("Class"),
+        "provider": st.column_config.TextColumn("Provider", help="of the last attempt"),
+        "status_code": st.column_config.NumberColumn("Code", format="%d"),
+        "last_error": st.column_config.TextColumn("Last error", width="medium"),
+        "recipient_email": st.column_config.TextColumn("Recipient"),
+        "owner_email": st.column_config.TextColumn("Owner"),
+        "attempts": st.column_config.NumberColumn("Runs"),
+        "notified": st.column_config.TextColumn("Owner notice"),
+        "link": st.column_config.LinkColumn(
+            "Delivery id", display_text=r"id=(.+)$", help="opens the delivery's detail page"
+        ),
+    }
 
 
 def status_chip(status: str) -> str:

@@ -504,3 +504,20 @@ class Suppression(Base):
     removed_at: Mapped[datetime | None]
     removed_by: Mapped[str | None] = mapped_column(String(200))
     removed_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ConsoleSession(Base):
+    """A local operator's console sign-in, kept server-side: a new tab resumes it from the
+    browser's signed cookie, and signing out revokes it everywhere. The cookie carries the
+    session id and a secret; the row keeps only the secret's SHA-256."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index(None, "username", "created_at"), Index(None, "expires_at"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    username: Mapped[str] = mapped_column(String(200))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # of the password hash signed in with
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]

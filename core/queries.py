@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,10 +56,12 @@ from core.models import (
     User,
     WebhookEvent,
 )
+from core.providers.circuit import CircuitState
 
 PERCENTILES = (0.5, 0.95, 0.99)
 BUCKETS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 MAX_ROWS = 500  # the most any list query returns
+SEARCH_IN = ("any", "owner", "recipient")
 
 
 def _dialect(session: Session) -> str:
@@ -466,8 +468,8 @@ class FailedFilter:
     """Which failed deliveries triage lists and a bulk operation touches.
 
     Times are inclusive bounds on `failed_at`; `recipient_domain` matches the address's domain;
-    `search` is a substring of the recipient or the owner's email; `provider` is the provider
-    of the delivery's last attempt.
+    `search` is a substring of the owner's email, the recipient, or either (`search_in`:
+    owner | recipient | any); `provider` is the provider of the delivery's last attempt.
     """
 
     error_classes: tuple[str, ...] = ()
@@ -476,18 +478,16 @@ class FailedFilter:
     failed_until: datetime | None = None
     recipient_domain: str | None = None
     search: str | None = None
+    search_in: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.search_in not in SEARCH_IN:
+            raise ValueError(f"search_in must be one of {', '.join(SEARCH_IN)}")
 
     def pinned(self, now: datetime) -> FailedFilter:
         """The same filter closed at `now`: rows that fail later never join a confirmed set."""
         until = now if self.failed_until is None else min(self.failed_until, now)
-        return FailedFilter(
-            self.error_classes,
-            self.provider,
-            self.failed_from,
-            until,
-            self.recipient_domain,
-            self.search,
-        )
+        return replace(self, failed_until=until)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -510,6 +510,7 @@ class FailedFilter:
             failed_until=when("failed_until"),
             recipient_domain=data.get("recipient_domain") or None,
             search=data.get("search") or None,
+            search_in=data.get("search_in") or "any",
         )
 
     def describe(self) -> str:
@@ -525,7 +526,8 @@ class FailedFilter:
         if self.recipient_domain:
             parts.append(f"recipient @{self.recipient_domain}")
         if self.search:
-            parts.append(f"matching {self.search!r}")
+            where = {"owner": " in the owner", "recipient": " in the recipient"}
+            parts.append(f"matching {self.search!r}{where.get(self.search_in, '')}")
         return ", ".join(parts) or "every failed delivery"
 
 
@@ -557,12 +559,12 @@ def failed_conditions(flt: FailedFilter, *, with_error_class: bool = True) -> li
     if flt.search and flt.search.strip():
         text = flt.search.strip().lower()
         owner = select(User.email).where(User.id == Delivery.user_id).correlate(Delivery)
-        where.append(
-            or_(
-                func.lower(Delivery.recipient_email).contains(text, autoescape=True),
-                owner.scalar_subquery().contains(text, autoescape=True),
-            )
-        )
+        matches = {
+            "recipient": func.lower(Delivery.recipient_email).contains(text, autoescape=True),
+            "owner": func.lower(owner.scalar_subquery()).contains(text, autoescape=True),
+        }
+        either = or_(*matches.values())
+        where.append(matches.get(flt.search_in, either))
     return where
 
 
@@ -572,6 +574,49 @@ def failed_count(session: Session, flt: FailedFilter) -> int:
         session.scalar(select(func.count()).select_from(Delivery).where(*failed_conditions(flt)))
         or 0
     )
+
+
+@dataclass(frozen=True)
+class SearchScope:
+    """A triage filter as its search actually ran: a search reads at most a fixed number of
+    the newest failures that match the rest of the filter, then stops. `stopped_at` is the
+    oldest failure time it read when it stopped early (None: it read every candidate), and
+    `filter` is bounded there, so counts, pages and exports all cover the same rows."""
+
+    filter: FailedFilter
+    limit: int
+    stopped_at: datetime | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_at is not None
+
+
+SEARCH_SCAN_LIMIT = 50_000
+
+
+def search_scope(
+    session: Session, flt: FailedFilter, *, limit: int = SEARCH_SCAN_LIMIT
+) -> SearchScope:
+    """Bound `flt`'s search to the newest `limit` failures matching the rest of it."""
+    if not (flt.search and flt.search.strip()):
+        return SearchScope(flt, limit)
+    rest = replace(flt, search=None)
+    bound = session.scalar(
+        select(Delivery.failed_at)
+        .where(*failed_conditions(rest))
+        .order_by(Delivery.failed_at.desc(), Delivery.id.desc())
+        .offset(limit)
+        .limit(1)
+    )
+    if bound is None:  # fewer candidates than the limit: the search read them all
+        return SearchScope(flt, limit)
+    bound = _as_dt(bound)
+    # Strictly newer than the first row left unread; ties with it are left out too.
+    start = bound + timedelta(microseconds=1)
+    if flt.failed_from is not None and flt.failed_from >= start:
+        return SearchScope(flt, limit)
+    return SearchScope(replace(flt, failed_from=start), limit, stopped_at=start)
 
 
 def failed_by_error_class(session: Session, flt: FailedFilter) -> pd.DataFrame:
@@ -613,9 +658,64 @@ FAILED_COLUMNS = [
 ]
 
 
-def failed_deliveries(session: Session, flt: FailedFilter, *, limit: int = 200) -> pd.DataFrame:
-    """Newest matching failures first, with the last attempt's provider and status code and
-    whether the owner has been notified."""
+@dataclass(frozen=True)
+class FailedCursor:
+    """Where a page of failed deliveries ended: the last row's failed_at and id. The next page
+    starts strictly after it in (failed_at, id) descending order, so rows that fail meanwhile
+    never shift a page (keyset pagination)."""
+
+    failed_at: datetime
+    id: uuid.UUID
+
+    @classmethod
+    def after_last(cls, frame: pd.DataFrame) -> FailedCursor | None:
+        """The cursor after the frame's last row, or None for an empty frame."""
+        if frame.empty:
+            return None
+        last = frame.iloc[-1]
+        return cls(_as_dt(last["failed_at"]), uuid.UUID(str(last["id"])))
+
+
+def failed_deliveries(
+    session: Session,
+    flt: FailedFilter,
+    *,
+    limit: int = 200,
+    after: FailedCursor | None = None,
+) -> pd.DataFrame:
+    """Newest matching failures first (ties by id, descending), with the last attempt's
+    provider and status code and whether the owner has been notified; with `after`, the page
+    that follows that cursor."""
+    return _failed_rows(session, flt, limit=min(limit, MAX_ROWS), after=after)
+
+
+def failed_chunks(
+    session: Session, flt: FailedFilter, *, now: datetime, chunk: int = 1000
+) -> Iterator[pd.DataFrame]:
+    """Every matching failure, newest first, `chunk` rows at a time (for an export). The filter
+    is pinned at `now` first, so rows that fail during the export never join it."""
+    pinned, after = flt.pinned(now), None
+    while True:
+        frame = _failed_rows(session, pinned, limit=chunk, after=after)
+        if frame.empty:
+            return
+        yield frame
+        if len(frame) < chunk:
+            return
+        after = FailedCursor.after_last(frame)
+
+
+def _failed_rows(
+    session: Session, flt: FailedFilter, *, limit: int, after: FailedCursor | None
+) -> pd.DataFrame:
+    where = failed_conditions(flt)
+    if after is not None:
+        where.append(
+            or_(
+                Delivery.failed_at < after.failed_at,
+                and_(Delivery.failed_at == after.failed_at, Delivery.id < after.id),
+            )
+        )
     query: Select[Any] = (
         select(
             Delivery.id,
@@ -634,9 +734,9 @@ def failed_deliveries(session: Session, flt: FailedFilter, *, limit: int = 200) 
             Notification,
             and_(Notification.delivery_id == Delivery.id, Notification.kind == "delivery_failed"),
         )
-        .where(*failed_conditions(flt))
-        .order_by(Delivery.failed_at.desc(), Delivery.id)
-        .limit(min(limit, MAX_ROWS))
+        .where(*where)
+        .order_by(Delivery.failed_at.desc(), Delivery.id.desc())
+        .limit(limit)
     )
     frame = _frame(session.execute(query).all(), FAILED_COLUMNS)
     frame["failed_at"] = pd.to_datetime(frame["failed_at"], utc=True)
@@ -1109,9 +1209,15 @@ def recent_runs(session: Session, *, limit: int = 50, kind: str | None = None) -
     return frame.drop(columns=["finished_at"])
 
 
+def _circuit(provider: str, failures: int, opened_until: Any, now: datetime) -> str:
+    until = _as_dt(opened_until) if opened_until is not None else None
+    return CircuitState(provider, failures, until).status(now)
+
+
 def provider_states(session: Session, *, now: datetime) -> pd.DataFrame:
-    """Circuit breaker per provider: provider, circuit (open | closed), consecutive_failures,
-    opened_until, last_error, updated_at."""
+    """Circuit breaker per provider: provider, circuit (closed | open | half_open, as the
+    breaker itself reads it: open until `opened_until`, then half-open until a trial call
+    closes or reopens it), consecutive_failures, opened_until, last_error, updated_at."""
     rows = session.execute(
         select(
             ProviderState.provider,
@@ -1126,7 +1232,7 @@ def provider_states(session: Session, *, now: datetime) -> pd.DataFrame:
     data = [
         [
             provider,
-            "open" if opened_until is not None and opened_until > now else "closed",
+            _circuit(provider, failures, opened_until, now),
             failures,
             opened_until,
             last_error,

@@ -244,19 +244,11 @@ def render() -> None:
             f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True
         ):
             st.dataframe(
-                shown.sample,
+                ui.failed_table(shown.sample),
                 hide_index=True,
                 width="stretch",
-                column_order=[
-                    "failed_at",
-                    "error_class",
-                    "provider",
-                    "status_code",
-                    "recipient_email",
-                    "owner_email",
-                    "id",
-                ],
-                column_config={"failed_at": ui.time_column("Failed at")},
+                column_order=ui.FAILED_ORDER,
+                column_config=ui.failed_columns(),
             )
 
         st.subheader("2 · Dry run")

@@ -30,7 +30,13 @@ def _lookup() -> str | None:
     linked = st.query_params.get("id")
     if linked and linked != st.session_state.get(LINKED_KEY):  # a new link wins once
         st.session_state[LINKED_KEY] = linked
-        st.session_state["detail_query"] = linked
+        if _uuid(linked) is None:
+            st.warning(
+                f"This link's id {ui.code(linked[:80])} is not a delivery id; "
+                "search for the delivery below."
+            )
+        else:
+            st.session_state["detail_query"] = linked
     if DETAIL_KEY in st.session_state:  # sent here from the triage page
         st.session_state["detail_query"] = str(st.session_state.pop(DETAIL_KEY))
     query = st.text_input(
@@ -153,6 +159,22 @@ def _provider_events(d: DeliveryDetail) -> None:
     )
 
 
+def _uuid(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _keep_in_url(delivery_id: str | None) -> None:
+    """The open delivery lives in the URL (?id=…), so the address bar is a link to it."""
+    if delivery_id is None:
+        return
+    st.session_state[LINKED_KEY] = delivery_id
+    if st.query_params.get("id") != delivery_id:
+        st.query_params["id"] = delivery_id
+
+
 def render() -> None:
     operator = auth.require_operator()
     ui.header(
@@ -160,6 +182,7 @@ def render() -> None:
     )
     ui.show_flash()
     delivery_id = _lookup()
+    _keep_in_url(delivery_id)
     if delivery_id is None:
         actions.render_pending(operator)
         return

@@ -8,6 +8,11 @@ from console import auth, data, ui
 from core.queries import RunnerState
 
 REFRESH_SECONDS = 15
+CIRCUIT_LABELS = {
+    "open": "🔴 open",
+    "half_open": "🟡 half-open (one trial call may run)",
+    "closed": "🟢 closed",
+}
 KIND_LABELS = {
     "backstop": "Backstop",
     "dispatcher": "Dispatcher",
@@ -107,10 +112,7 @@ def render() -> None:
                 st.caption("No provider has reported yet.")
             else:
                 view = health.providers.assign(
-                    circuit=[
-                        ("🔴 open" if c == "open" else "🟢 closed")
-                        for c in health.providers["circuit"]
-                    ]
+                    circuit=[CIRCUIT_LABELS.get(c, c) for c in health.providers["circuit"]]
                 )
                 st.dataframe(
                     view,

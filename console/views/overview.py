@@ -186,7 +186,10 @@ def _stuck_table() -> None:
 
 def render() -> None:
     auth.require_operator()
-    ui.header("Overview", "Deliveries right now and over time. All times UTC.")
+    ui.header(
+        "Overview",
+        "Deliveries right now and over time. Times in UTC unless the sidebar switch shows your zone.",
+    )
     controls = st.columns([3, 2, 5], vertical_alignment="bottom")
     with controls[0]:
         window = st.segmented_control(
@@ -198,8 +201,8 @@ def render() -> None:
     @st.fragment(run_every=REFRESH_SECONDS if auto else None)
     def live() -> None:
         _tiles()
-        sent = data.sent_series(window)
-        rescued = data.reconciliation_series(window)
+        sent = ui.zoned(data.sent_series(window), "bucket")
+        rescued = ui.zoned(data.reconciliation_series(window), "bucket")
         bucket = data.WINDOWS[window][1]
         top = st.columns(2)
         top[0].plotly_chart(
@@ -220,7 +223,10 @@ def render() -> None:
             config={"displayModeBar": False},
         )
         _stuck_table()
-        st.caption(f"Updated {utcnow():%H:%M:%S} UTC" + (" · refreshing" if auto else ""))
+        st.caption(
+            f"Updated {ui.when(utcnow())} · chart times in {ui.display_zone()}"
+            + (" · refreshing" if auto else "")
+        )
 
     live()
 

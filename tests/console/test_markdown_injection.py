@@ -135,7 +135,9 @@ def test_delivery_link_with_an_injected_id(world: dict[str, Any]) -> None:
     at.run()
     at.switch_page("views/delivery.py").run()
     assert not at.exception
-    assert_literal(at, f"No delivery for {PAYLOAD}@example.com.")
+    assert_literal(
+        at, f"{PAYLOAD}@example.com is not a delivery id; search for the delivery below."
+    )
 
 
 def test_bulk_progress_shows_the_reason_and_filter_as_text(world: dict[str, Any]) -> None:
