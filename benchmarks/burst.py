@@ -151,7 +151,7 @@ def burst_phase(bench: Bench, count: int, lead: float, timeout: float) -> dict[s
     span = (last - first).total_seconds()
     wall = (last - due).total_seconds()
     lateness = [(s - d).total_seconds() for d, s in times]
-    extra, missing, _ = duplicates(_provider_counts(bench), [r.idempotency_key for r in rows])
+    extra, missing, _ = duplicates(_provider_counts(bench), [str(r.delivery_id) for r in rows])
     return {
         "count": count,
         "seed_seconds": round(seed_s, 2),
@@ -176,8 +176,9 @@ def burst_phase(bench: Bench, count: int, lead: float, timeout: float) -> dict[s
 
 
 def _provider_counts(bench: Bench) -> dict[str, int]:
+    """Letters stored at the fake per delivery id (batches store under the batch's key)."""
     assert bench.provider is not None
-    return bench.provider.counts_by_key()
+    return bench.provider.counts_by_delivery()
 
 
 def _backstop_runs(bench: Bench, since: Any) -> dict[str, int]:
@@ -214,7 +215,7 @@ def steady_phase(
             break
         time.sleep(1)
     lateness = sorted((s - d).total_seconds() for d, s in bench.sent_times() if d in wanted)
-    extra, missing, _ = duplicates(_provider_counts(bench), [r.idempotency_key for r in rows])
+    extra, missing, _ = duplicates(_provider_counts(bench), [str(r.delivery_id) for r in rows])
     return {
         "rate": rate,
         "seconds": seconds,

@@ -24,7 +24,8 @@ was sent twice.
                 until every row is sent or failed (or --drain-timeout)
 
     lost        rows neither sent nor failed after the drain
-    duplicates  messages at the fake provider for one letter's idempotency key beyond the first
+    duplicates  messages at the fake provider for one letter beyond the first (found by its key,
+                or by its delivery_id when it went in a batch under the batch's key)
 """
 
 from __future__ import annotations
@@ -233,9 +234,16 @@ def _verdict(
 ) -> dict[str, Any]:
     assert bench.provider is not None
     messages = bench.provider.admin.messages()["messages"]
+    # A letter's messages, by its delivery's key: a letter sent in a batch is stored under the
+    # batch's key, so it is found by the delivery_id it carries (Resend tag, Postmark metadata).
+    key_of = {str(r.delivery_id): r.idempotency_key for r in rows}
     by_key: dict[str, list[dict[str, Any]]] = {}
     for message in messages:
-        by_key.setdefault(str(message.get("idempotency_key")), []).append(message)
+        labels = {**(message.get("metadata") or {}), **(message.get("tags") or {})}
+        key = str(message.get("idempotency_key"))
+        if labels.get("kind") == "letter" and labels.get("delivery_id") in key_of:
+            key = key_of[labels["delivery_id"]]
+        by_key.setdefault(key, []).append(message)
     status = bench.idempotency_keys()
     letter_keys = {r.idempotency_key for r in rows}
     duplicated = {k: len(by_key[k]) for k in letter_keys if len(by_key.get(k, [])) > 1}

@@ -185,10 +185,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 class ProviderProcess:
     """`python -m tests.fakes.provider_server` in its own process, driven over its admin API."""
 
-    def __init__(self, *, latency_ms: float = 0.0, log_path: Path | None = None) -> None:
+    def __init__(
+        self, *, latency_ms: float = 0.0, log_path: Path | None = None, quota: float = 0.0
+    ) -> None:
         self.log_path = log_path
         args = [PYTHON, "-m", "tests.fakes.provider_server", "--port", "0"]
-        args += ["--latency-ms", str(latency_ms)]
+        args += ["--latency-ms", str(latency_ms), "--quota", str(quota)]
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -205,6 +207,11 @@ class ProviderProcess:
 
     def counts_by_key(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.admin.messages()["counts_by_key"].items()}
+
+    def counts_by_delivery(self) -> dict[str, int]:
+        """Letters stored per delivery id: "sent once" whether a letter went alone (under its
+        own key) or in a batch (under the batch's key)."""
+        return {str(k): int(v) for k, v in self.admin.messages()["counts_by_delivery"].items()}
 
     def stop(self) -> None:
         self.admin.close()
@@ -399,8 +406,8 @@ class Bench:
 
 
 @contextlib.contextmanager
-def provider_server(latency_ms: float = 0.0) -> Iterator[ProviderProcess]:
-    server = ProviderProcess(latency_ms=latency_ms)
+def provider_server(latency_ms: float = 0.0, quota: float = 0.0) -> Iterator[ProviderProcess]:
+    server = ProviderProcess(latency_ms=latency_ms, quota=quota)
     try:
         yield server
     finally:

@@ -78,7 +78,7 @@ def _wait_all_sent(bench: Bench, count: int, timeout: float) -> datetime | None:
 def _outcome(bench: Bench, rows: list[Any], since: datetime) -> dict[str, Any]:
     assert bench.provider is not None
     extra, missing, dupes = duplicates(
-        bench.provider.counts_by_key(), [r.idempotency_key for r in rows]
+        bench.provider.counts_by_delivery(), [str(r.delivery_id) for r in rows]
     )
     runs = {
         kind: [

@@ -310,6 +310,14 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "Sends per second per provider, shared by all consumers.",
     ),
     (
+        "BATCH_SIZE",
+        "batch_size",
+        _int,
+        "100",
+        "Most letters one delivery run claims and sends in one provider call (1 = no batches);"
+        " capped by the provider's own limit (Resend 100, Postmark 500).",
+    ),
+    (
         "CIRCUIT_FAILURE_THRESHOLD",
         "circuit_failure_threshold",
         _int,
@@ -544,6 +552,7 @@ class Settings:
     provider_connect_timeout: float = 5
     provider_read_timeout: float = 20
     provider_rate_per_second: float = 50
+    batch_size: int = 100
     circuit_failure_threshold: int = 5
     circuit_reset_seconds: float = 60
     db_pool_size: int = 5
@@ -601,6 +610,7 @@ class Settings:
             "MAX_SCHEDULE_YEARS": self.max_schedule_years,
             "MAX_LETTER_BYTES": self.max_letter_bytes,
             "PROVIDER_RATE_PER_SECOND": self.provider_rate_per_second,
+            "BATCH_SIZE": self.batch_size,
             "DB_POOL_SIZE": self.db_pool_size,
             "MISSING_KEY_RETRY_SECONDS": self.missing_key_retry_seconds,
             "BULK_MAX_ROWS": self.bulk_max_rows,

@@ -15,6 +15,7 @@ import random
 import re
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,10 +37,18 @@ from core.errors import (
     UserNotFound,
     ValidationError,
 )
-from core.models import AuditEvent, Delivery, DeliveryAttempt, ErrorClass, Letter, Status, User
+from core.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryAttempt,
+    ErrorClass,
+    Letter,
+    Status,
+    User,
+)
 from core.operators import validate_display_name
-from core.outcomes import Outcome
-from core.policy import backoff_seconds, deferral_seconds, lease_until, within_horizon
+from core.outcomes import DEFER, RETRY, SENT, Decision, Outcome, decide
+from core.policy import lease_until, within_horizon
 
 _ADDRESS = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
@@ -167,6 +176,16 @@ def _transition(
         raise InvalidTransition(row.id, fresh.status, action)
 
 
+def _not_waiting_for_a_batch(row: Delivery, action: str) -> None:
+    """A scheduled letter still in a batch waits for that batch's replay (its first call's
+    outcome is unknown): the replay repeats the identical request, this letter included, so it
+    cannot be canceled or moved until the batch has settled (seconds to minutes)."""
+    if row.batch_id is not None and row.status == Status.SCHEDULED:
+        raise InvalidTransition(
+            row.id, "waiting for its batch's outcome (try again shortly)", action
+        )
+
+
 def find_user(session: Session, email: str) -> User:
     user = session.scalar(select(User).where(User.email == email.strip().lower()))
     if user is None:
@@ -272,6 +291,7 @@ def cancel_delivery(
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
         old_task = row.task_id
+        _not_waiting_for_a_batch(row, "cancel")
         _transition(
             session,
             row,
@@ -317,6 +337,7 @@ def reschedule_delivery(
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
         old_task, old_time = row.task_id, row.deliver_at
+        _not_waiting_for_a_batch(row, "reschedule")
         _transition(
             session,
             row,
@@ -409,6 +430,10 @@ class Claim:
     # window after it (DESIGN.md invariant 7). None when no earlier run left anything unknown.
     ambiguous_at: datetime | None = None
     deliver_at: datetime | None = None  # the user's intent: lateness is measured from it
+    batch_id: uuid.UUID | None = None  # the live batch it is claimed in
+    # The Huey task queued for this letter before a batch took it: revoked, best effort, so
+    # that it does not run only to find nothing to claim.
+    queued_task_id: str | None = None
 
 
 def claim(
@@ -451,6 +476,7 @@ def claim(
             Delivery.pinned_provider,
             Delivery.error_class,
             Delivery.deliver_at,
+            Delivery.batch_id,
         )
     )
     row = result.one_or_none()
@@ -472,6 +498,7 @@ def claim(
         user_id=row.user_id,
         pinned_provider=row.pinned_provider,
         error_class=row.error_class,
+        batch_id=row.batch_id,
         ambiguous_at=ambiguous_at,
         deliver_at=row.deliver_at,
     )
@@ -508,17 +535,14 @@ def _lease_recovered_at(session: Session, delivery_id: uuid.UUID) -> datetime | 
     return recovered
 
 
-RETRYABLE = {ErrorClass.TRANSIENT, ErrorClass.AMBIGUOUS, ErrorClass.LEASE_EXPIRED}
-# Classes a run may defer without spending an attempt. A missing key is never a failure: the
-# letter waits for its key however long that takes.
-DEFERRABLE = RETRYABLE | {ErrorClass.MISSING_KEY}
-
-
 @dataclass(frozen=True)
 class Recorded:
     status: str | None  # the row's new status; None when the row was no longer ours
     next_attempt_at: datetime | None = None
     notify: bool = False
+
+
+BATCH_DEFER_SPREAD = 1.0  # seconds: a deferred batch is one request when it comes back
 
 
 def record_outcome(
@@ -530,42 +554,126 @@ def record_outcome(
     now: datetime,
     rng: random.Random | None = None,
 ) -> Recorded:
-    """Write the attempts and move the row to sent, back to scheduled (retry), or to failed.
+    """Write one run's attempts and move its row to sent, back to scheduled, or to failed.
 
     A success is recorded even if the lease ran out meanwhile (the message is out; a twin run
     would reuse the same idempotency key). A failure is recorded only by the run that still
     holds the row. The caller commits.
     """
-    if outcome.calls:
-        # One multi-row INSERT: this runs once per delivery and the ORM unit of work is costly.
-        session.execute(
-            insert(DeliveryAttempt),
-            [
-                {
-                    "delivery_id": claimed.delivery_id,
-                    "run_number": claimed.run_number,
-                    "task_id": claimed.task_id,
-                    "provider": call.provider,
-                    "outcome": call.outcome,
-                    "status_code": call.status_code,
-                    "provider_error_code": call.error_code,
-                    "error_message": call.message,
-                    "provider_message_id": call.provider_message_id,
-                    "duration_ms": call.duration_ms,
-                    "started_at": call.started_at,
-                }
-                for call in outcome.calls
-            ],
+    return record_outcomes(session, [(claimed, outcome)], settings, now=now, rng=rng)[0]
+
+
+def record_outcomes(
+    session: Session,
+    results: Sequence[tuple[Claim, Outcome]],
+    settings: Settings,
+    *,
+    now: datetime,
+    rng: random.Random | None = None,
+    together: bool = False,
+) -> list[Recorded]:
+    """Decide each letter's outcome (`core.outcomes.decide`, pure), then write them all in the
+    caller's one transaction: one attempt row per provider call naming its batch, one
+    compare-and-set per row, audit events, refunds and owner notices. The caller commits.
+
+    `together` (a batch): letters deferred or retried together come back at the same instant
+    (one draw for all, a deferral spread over a second), so they can travel together again;
+    letters drawn apart would come back one by one, each as its own request.
+    """
+    seed = (rng or random).random()
+
+    def decide_one(claimed: Claim, outcome: Outcome) -> Decision:
+        if not together:
+            return decide(claimed.round_attempts, outcome, settings, now=now, rng=rng)
+        return decide(
+            claimed.round_attempts,
+            outcome,
+            settings,
+            now=now,
+            rng=random.Random(seed),
+            defer_spread=BATCH_DEFER_SPREAD,
         )
+
+    decided = [(c, o, decide_one(c, o)) for c, o in results]
+    return write_outcomes(session, decided, now=now)
+
+
+def write_outcomes(
+    session: Session,
+    decided: Sequence[tuple[Claim, Outcome, Decision]],
+    *,
+    now: datetime,
+) -> list[Recorded]:
+    """The write step of `record_outcomes`: every row's compare-and-set of today (a success
+    on (id, status in processing|scheduled), anything else on (id, processing, task_id)),
+    batched INSERTs for attempts and audit events."""
+    attempts = [
+        {
+            "delivery_id": claimed.delivery_id,
+            "run_number": claimed.run_number,
+            "task_id": claimed.task_id,
+            "provider": call.provider,
+            "outcome": call.outcome,
+            "status_code": call.status_code,
+            "provider_error_code": call.error_code,
+            "error_message": call.message,
+            "provider_message_id": call.provider_message_id,
+            "duration_ms": call.duration_ms,
+            "started_at": call.started_at,
+            "batch_id": claimed.batch_id,
+        }
+        for claimed, outcome, _ in decided
+        for call in outcome.calls
+    ]
+    if attempts:
+        # One multi-row INSERT: the ORM unit of work is costly on this hot path.
+        session.execute(insert(DeliveryAttempt), attempts)
+    events: list[dict[str, Any]] = []
+    recorded = [_write_one(session, c, o, d, now, events) for c, o, d in decided]
+    if events:
+        session.execute(insert(AuditEvent), events)
+    return recorded
+
+
+def _event(
+    events: list[dict[str, Any]],
+    type: str,
+    claimed: Claim,
+    now: datetime,
+    data: dict[str, Any],
+    reason: str | None = None,
+) -> None:
+    events.append(
+        {
+            "type": type,
+            "actor": audit.SYSTEM,
+            "delivery_id": claimed.delivery_id,
+            "reason": reason,
+            "data": data,
+            "created_at": now,
+        }
+    )
+
+
+def _write_one(
+    session: Session,
+    claimed: Claim,
+    outcome: Outcome,
+    decision: Decision,
+    now: datetime,
+    events: list[dict[str, Any]],
+) -> Recorded:
     ours = (
         Delivery.id == claimed.delivery_id,
         Delivery.status == Status.PROCESSING,
         Delivery.task_id == claimed.task_id,
     )
     common = {"version": Delivery.version + 1, "updated_at": now, "lease_until": None}
-    event_data: dict[str, Any] = {"task_id": claimed.task_id, "run": claimed.run_number}
+    data: dict[str, Any] = {"task_id": claimed.task_id, "run": claimed.run_number}
+    if claimed.batch_id is not None:
+        data["batch_id"] = str(claimed.batch_id)
 
-    if outcome.sent:
+    if decision.action == SENT:
         result = session.execute(
             update(Delivery)
             .execution_options(synchronize_session=False)
@@ -585,39 +693,13 @@ def record_outcome(
         )
         status: str | None = Status.SENT if _changed(result) else None
         event = "delivery.sent" if status else "delivery.outcome_discarded"
-        audit.record(
-            session,
-            event,
-            actor=audit.SYSTEM,
-            now=now,
-            delivery_id=claimed.delivery_id,
-            data={**event_data, "provider": outcome.provider},
-        )
+        _event(events, event, claimed, now, {**data, "provider": outcome.provider})
         return Recorded(status)
 
-    # A run that reached no provider (circuits open, rate limit closed) tried nothing: it
-    # gives its attempt back and comes again once the gate may open, whatever the count.
-    deferred = outcome.deferred and outcome.error_class in DEFERRABLE
-    # No provider was asked at all: the run is not counted in the delivery's total either, or
-    # a letter that waited days for its key would reach the failed retrier's cap unsent.
-    uncounted = deferred and outcome.error_class == ErrorClass.MISSING_KEY and not outcome.calls
-    retry = deferred or (
-        outcome.error_class in RETRYABLE and claimed.round_attempts < settings.max_attempts
-    )
-    if retry:
-        if deferred:
-            delay = deferral_seconds(
-                outcome.retry_after, spread=settings.backoff_base_seconds, rng=rng
-            )
-        else:
-            delay = backoff_seconds(
-                claimed.round_attempts,
-                base=settings.backoff_base_seconds,
-                cap=settings.backoff_max_seconds,
-                retry_after=outcome.retry_after,
-                rng=rng,
-            )
-        next_at = now + timedelta(seconds=delay)
+    if decision.action in (RETRY, DEFER):
+        deferred = decision.action == DEFER
+        next_at = decision.next_attempt_at
+        assert next_at is not None
         result = session.execute(
             update(Delivery)
             .execution_options(synchronize_session=False)
@@ -631,34 +713,24 @@ def record_outcome(
                 last_error=outcome.error,
                 pinned_provider=outcome.pinned_provider,
                 round_attempts=Delivery.round_attempts - (1 if deferred else 0),
-                attempt_count=Delivery.attempt_count - (1 if uncounted else 0),
+                batch_id=claimed.batch_id if outcome.keep_batch else None,
+                attempt_count=Delivery.attempt_count - (1 if decision.uncounted else 0),
                 **common,
             )
         )
         if not _changed(result):
-            return _discarded(session, claimed, outcome, now, event_data)
-        audit.record(
-            session,
+            return _discarded(claimed, outcome, now, data, events)
+        _event(
+            events,
             "delivery.deferred" if deferred else "delivery.retry_scheduled",
-            actor=audit.SYSTEM,
-            now=now,
-            delivery_id=claimed.delivery_id,
+            claimed,
+            now,
+            {**data, "error_class": outcome.error_class, "next_attempt_at": next_at.isoformat()},
             reason=outcome.error,
-            data={
-                **event_data,
-                "error_class": outcome.error_class,
-                "next_attempt_at": next_at.isoformat(),
-            },
         )
         return Recorded(Status.SCHEDULED, next_attempt_at=next_at)
 
-    # A delivery pinned after an ambiguous outcome may have arrived, whatever the last try
-    # said: it fails as ambiguous, for a person to check, never for a blind automatic retry.
-    failed_class = (
-        ErrorClass.AMBIGUOUS
-        if outcome.pinned_provider and outcome.error_class == ErrorClass.TRANSIENT
-        else outcome.error_class
-    )
+    failed_class = decision.error_class
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
@@ -670,22 +742,22 @@ def record_outcome(
             error_class=failed_class,
             last_error=outcome.error,
             pinned_provider=outcome.pinned_provider,
+            batch_id=None,
             **common,
         )
     )
     if not _changed(result):
-        return _discarded(session, claimed, outcome, now, event_data)
+        return _discarded(claimed, outcome, now, data, events)
     refunded = False
     if outcome.error_class == ErrorClass.PERMANENT:
         refunded = credits.refund(session, claimed.user_id, claimed.delivery_id, now)
-    audit.record(
-        session,
+    _event(
+        events,
         "delivery.failed",
-        actor=audit.SYSTEM,
-        now=now,
-        delivery_id=claimed.delivery_id,
+        claimed,
+        now,
+        {**data, "error_class": failed_class, "refunded": refunded},
         reason=outcome.error,
-        data={**event_data, "error_class": failed_class, "refunded": refunded},
     )
     notify = notifications.request(
         session,
@@ -703,16 +775,19 @@ def _changed(result: Any) -> bool:
 
 
 def _discarded(
-    session: Session, claimed: Claim, outcome: Outcome, now: datetime, data: dict[str, Any]
+    claimed: Claim,
+    outcome: Outcome,
+    now: datetime,
+    data: dict[str, Any],
+    events: list[dict[str, Any]],
 ) -> Recorded:
-    audit.record(
-        session,
+    _event(
+        events,
         "delivery.outcome_discarded",
-        actor=audit.SYSTEM,
-        now=now,
-        delivery_id=claimed.delivery_id,
+        claimed,
+        now,
+        {**data, "error_class": outcome.error_class},
         reason=outcome.error,
-        data={**data, "error_class": outcome.error_class},
     )
     return Recorded(None)
 

@@ -161,6 +161,39 @@ class Letter(Base):
     created_at: Mapped[datetime]
 
 
+class BatchState(enum.StrEnum):
+    LIVE = "live"  # its letters may still go out through it: in flight, or to be replayed
+    DONE = "done"  # every letter has its answer, or left it to go alone
+
+
+class DeliveryBatch(Base):
+    """Letters claimed together and sent in one provider call (DESIGN.md invariant 9).
+
+    Written in the claim's transaction, before the call: the provider, the call's
+    idempotency key and the ordered delivery ids are what a replay after an unknown outcome
+    repeats. The ids are a JSON list, not a member table: a batch never changes once written,
+    its order is the request's order, and it is always read whole; "which batch holds this
+    letter" is `deliveries.batch_id`, one column, so a letter is in at most one live batch.
+    """
+
+    __tablename__ = "delivery_batches"
+    __table_args__ = (
+        CheckConstraint("state in ('live','done')", name="state"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    provider: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    delivery_ids: Mapped[list[str]] = mapped_column(JSON)
+    # sha256 of the request body first sent: a replay that would differ is never sent
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=BatchState.LIVE)
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the run that last sent it
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
 class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -212,6 +245,7 @@ class Delivery(Base):
         Index("ix_deliveries_user", "user_id", "created_at"),
         # provider webhooks find their letter by the message id recorded at send
         Index("ix_deliveries_provider_message_id", "provider_message_id"),
+        Index("ix_deliveries_batch", "batch_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -239,6 +273,8 @@ class Delivery(Base):
     bounce_kind: Mapped[str | None] = mapped_column(String(8))
     reported_at: Mapped[datetime | None]
     held_at: Mapped[datetime | None]
+    # the batch that holds it (live) or that sent it; None for a letter that went alone
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("delivery_batches.id"))
     version: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -274,6 +310,7 @@ class DeliveryAttempt(Base):
     provider_message_id: Mapped[str | None] = mapped_column(String(200))
     duration_ms: Mapped[int]
     started_at: Mapped[datetime]
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("delivery_batches.id"))
 
 
 class AuditEvent(Base):

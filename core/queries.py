@@ -48,6 +48,7 @@ from core.models import (
     CreditEntry,
     Delivery,
     DeliveryAttempt,
+    DeliveryBatch,
     Notification,
     ProviderState,
     ReconcilerRun,
@@ -802,6 +803,8 @@ class DeliveryDetail:
     reported_at: datetime | None = None
     held_at: datetime | None = None
     provider_events: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    # the batch that holds the letter (live) or sent it: "id · provider · n letters · state"
+    batch: str | None = None
 
     @property
     def lateness_seconds(self) -> float | None:
@@ -836,6 +839,7 @@ def delivery_detail(
                 DeliveryAttempt.duration_ms,
                 DeliveryAttempt.task_id,
                 DeliveryAttempt.provider_message_id,
+                DeliveryAttempt.batch_id,
             )
             .where(DeliveryAttempt.delivery_id == delivery_id)
             .order_by(DeliveryAttempt.id)
@@ -852,8 +856,10 @@ def delivery_detail(
             "duration_ms",
             "task_id",
             "provider_message_id",
+            "batch_id",
         ],
     )
+    attempts["batch_id"] = [str(v) if v is not None else None for v in attempts["batch_id"]]
     attempts["started_at"] = pd.to_datetime(attempts["started_at"], utc=True)
     attempts["status_code"] = attempts["status_code"].astype("Int64")
     audit = _frame(
@@ -955,6 +961,7 @@ def delivery_detail(
         reported_at=d.reported_at,
         held_at=d.held_at,
         provider_events=events,
+        batch=_batch_line(session, d.batch_id),
     )
 
 
@@ -999,6 +1006,15 @@ def bounced_after_send(session: Session, *, limit: int = 200) -> pd.DataFrame:
         frame[column] = pd.to_datetime(frame[column], utc=True)
     frame["id"] = frame["id"].astype(str)
     return frame
+
+
+def _batch_line(session: Session, batch_id: uuid.UUID | None) -> str | None:
+    if batch_id is None:
+        return None
+    batch = session.get(DeliveryBatch, batch_id)
+    if batch is None:
+        return str(batch_id)
+    return f"{batch.id} · {batch.provider} · {len(batch.delivery_ids)} letters · {batch.state}"
 
 
 def deliveries_for_address(session: Session, email: str, *, limit: int = 50) -> pd.DataFrame:

@@ -629,8 +629,8 @@ def suppressed() -> ColumnElement[bool]:
 
 
 def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetime) -> bool:
-    """scheduled (due) → held when `suppressed()`. Runs before the claim; the caller commits.
-    True when it held."""
+    """scheduled (due, in no live batch) → held when `suppressed()`. Runs before the claim;
+    the caller commits. True when it held."""
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
@@ -638,6 +638,8 @@ def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetim
             Delivery.id == delivery_id,
             Delivery.status == Status.SCHEDULED,
             Delivery.next_attempt_at <= now,
+            # still in its batch: a replay repeats the identical request, this letter included
+            Delivery.batch_id.is_(None),
             suppressed(),
         )
         .values(

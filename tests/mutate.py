@@ -44,6 +44,8 @@ SETTLE = "tests/integration/test_settle_window.py"
 CHAIN = "tests/unit/test_chain.py"
 SETTLE_UNIT = "tests/unit/test_settle_window.py"
 INVARIANTS = "tests/integration/test_invariant_guards.py"
+BATCHES = "tests/integration/test_batches.py"
+BATCH_FAULTS = "tests/integration/test_batch_faults.py"
 
 
 @dataclass(frozen=True)
@@ -226,10 +228,112 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "key-per-run",
         "core/worker.py",
-        "        idempotency_key=claimed.idempotency_key,\n",
+        "        idempotency_key=claimed_key,\n",
         "        idempotency_key=uuid.uuid4().hex,\n",
         (f"{WORKER}::test_accepted_then_timed_out_retries_the_same_provider_with_the_same_key",),
         "each run sends with a new idempotency key",
+    ),
+    # ------------------------------------------------ invariant 9: batches, per letter
+    Mutant(
+        "batch-claim-status",
+        "core/batches.py",
+        "            Delivery.status == Status.SCHEDULED,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        "            Delivery.pinned_provider.is_(None),\n",
+        "            Delivery.next_attempt_at <= now,\n            Delivery.pinned_provider.is_(None),\n",
+        (f"{BATCHES}::test_letters_already_sent_never_take_a_batch_s_places",),
+        "a batch's pick takes letters whatever their status (the UPDATE's repeat still holds)",
+    ),
+    Mutant(
+        "batch-claim-cas",
+        "core/batches.py",
+        "            Delivery.status == Status.SCHEDULED,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        "            Delivery.pinned_provider.is_(None),\n"
+        "            Delivery.batch_id.is_(None),\n"
+        "            or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),\n"
+        "        )\n"
+        "        .order_by(Delivery.next_attempt_at)\n"
+        "        .limit(limit)\n"
+        "        .with_for_update(skip_locked=True)\n"
+        "        # A CTE, evaluated once: PostgreSQL may rescan a plain IN (subquery), and each\n"
+        "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
+        '        .cte("picked")\n'
+        "    )\n"
+        "    claimed = (\n"
+        "        update(Delivery)\n"
+        "        .execution_options(synchronize_session=False)\n"
+        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
+        "    )\n"
+        '    if session.get_bind().dialect.name == "postgresql":\n'
+        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
+        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id == picked.c.id,\n"
+        "            Delivery.status == Status.SCHEDULED,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
+        "    else:\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id.in_(select(picked.c.id)),\n"
+        "            Delivery.status == Status.SCHEDULED,\n",
+        "            Delivery.next_attempt_at <= now,\n"
+        "            Delivery.pinned_provider.is_(None),\n"
+        "            Delivery.batch_id.is_(None),\n"
+        "            or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),\n"
+        "        )\n"
+        "        .order_by(Delivery.next_attempt_at)\n"
+        "        .limit(limit)\n"
+        "        .with_for_update(skip_locked=True)\n"
+        "        # A CTE, evaluated once: PostgreSQL may rescan a plain IN (subquery), and each\n"
+        "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
+        '        .cte("picked")\n'
+        "    )\n"
+        "    claimed = (\n"
+        "        update(Delivery)\n"
+        "        .execution_options(synchronize_session=False)\n"
+        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
+        "    )\n"
+        '    if session.get_bind().dialect.name == "postgresql":\n'
+        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
+        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id == picked.c.id,\n"
+        "            Delivery.next_attempt_at <= now,\n"
+        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
+        "    else:\n"
+        "        statement = claimed.where(\n"
+        "            Delivery.id.in_(select(picked.c.id)),\n",
+        (f"{BATCHES}::test_a_letter_another_run_holds_is_never_claimed_again",),
+        "a batch's claim takes letters whatever their status (the pick and the UPDATE)",
+    ),
+    Mutant(
+        "batch-skip-locked",
+        "core/batches.py",
+        "        .with_for_update(skip_locked=True)\n",
+        "        .with_for_update()\n",
+        (f"{BATCHES}::test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting",),
+        "a batch's pick waits on rows another run is claiming instead of skipping them",
+    ),
+    Mutant(
+        "batch-key-per-replay",
+        "core/worker.py",
+        "            work.batch.idempotency_key,\n",
+        "            work.batch.idempotency_key if not work.replay else uuid.uuid4().hex,\n",
+        (
+            f"{BATCH_FAULTS}::test_an_unknown_outcome_is_settled_by_replaying_the_identical_batch_with_its_key",
+        ),
+        "a replay after an unknown outcome sends the batch under a new key",
+    ),
+    Mutant(
+        "batch-not-kept",
+        "core/providers/chain.py",
+        "                keep_batch=replay or (ambiguous and replays),\n",
+        "                keep_batch=replay,\n",
+        (
+            f"{BATCH_FAULTS}::test_an_unknown_outcome_is_settled_by_replaying_the_identical_batch_with_its_key",
+        ),
+        "letters of a Resend batch with an unknown outcome leave it and go alone",
     ),
     # ------------------------------------------------ invariant 4: horizon dispatch
     Mutant(

@@ -93,6 +93,7 @@ def _summary(d: DeliveryDetail) -> None:
             ("Runs (this round / all)", f"{d.round_attempts} / {d.attempt_count}"),
             ("Provider / message id", f"{d.provider or '—'} / {d.provider_message_id or '—'}"),
             ("Pinned provider", d.pinned_provider),
+            ("Batch", d.batch),
             ("Current task id", d.task_id),
             ("Dispatched at", ui.when(d.dispatched_at)),
             ("Lease until", ui.when(d.lease_until)),

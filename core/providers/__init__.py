@@ -95,13 +95,15 @@ def build_chain(
         reset_seconds=settings.circuit_reset_seconds,
         on_open=on_open,
     )
+    # Requests are paced evenly, with no burst allowance: a provider's quota is "n per second"
+    # and a burst of n at once followed by n a second would exceed it (429s).
     limiter: RateLimiter
     if redis_client is not None:
         limiter = RedisRateLimiter(
-            redis_client, settings.huey_name, settings.provider_rate_per_second
+            redis_client, settings.huey_name, settings.provider_rate_per_second, burst=1
         )
     else:
-        limiter = LocalRateLimiter(settings.provider_rate_per_second)
+        limiter = LocalRateLimiter(settings.provider_rate_per_second, burst=1)
     return ProviderChain(
         providers,
         breaker=breaker,

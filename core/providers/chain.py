@@ -23,6 +23,19 @@ The settle window: a provider whose search lags (Postmark) may not yet show a me
 accepted moments ago, so its "not found" is trusted only from `settle_until` on (the last
 ambiguous call plus CAPSULE_LOOKUP_SETTLE_SECONDS). Before that the run sends nothing and
 ends `deferred` (no attempt used up), due again when the window closes, still pinned.
+
+`send_batch` hands many letters to one provider in one call (DESIGN.md invariant 9) and
+answers one Outcome per letter:
+
+    circuit open / rate limit closed (≤ ~10 s) / a 429   → every letter deferred (no attempt)
+    call refused as a whole (nothing stored)              → every letter transient
+    unknown outcome (timeout, drop, 5xx, bug)             → every letter ambiguous, pinned to
+        the provider; kept in the batch when the provider replays batches (Resend: the
+        identical call with the same key), else looked up one by one later (Postmark)
+    answered                                              → each letter its own answer
+
+A replayed batch keeps every failure pinned and in the batch: its first call may have
+stored it, so no letter of it may go anywhere else or under another key.
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ from core.errors import (
 from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
 from core.policy import utcnow
-from core.providers.base import Accepted, Email, Provider
+from core.providers.base import Accepted, BatchProvider, Email, Provider, batch_limit
 from core.providers.circuit import OPEN, CircuitBreaker
 from core.providers.http import short
 from core.providers.ratelimit import RateLimiter
@@ -154,6 +167,7 @@ class ProviderChain:
         breaker: CircuitBreaker | None = None,
         limiter: RateLimiter | None = None,
         max_wait_seconds: float = 1.0,
+        batch_wait_seconds: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         on_close: Callable[[], None] | None = None,
     ) -> None:
@@ -162,6 +176,9 @@ class ProviderChain:
         self.breaker = breaker
         self.limiter = limiter
         self._max_wait = max_wait_seconds
+        # A batch holds many letters and costs one request: worth waiting longer for a token
+        # than one letter is (a burst's batches queue on the shared quota, not on retries).
+        self._batch_wait = batch_wait_seconds
         self._sleep = sleep
         self._on_close = on_close
 
@@ -215,6 +232,147 @@ class ProviderChain:
                 ambiguous = isinstance(result, AmbiguousProviderError)
                 return run.failed(result.error_class, pinned=provider.name if ambiguous else None)
         return run.failed(ErrorClass.TRANSIENT)
+
+    def batch_provider(self, now: datetime) -> BatchProvider | None:
+        """The provider a new batch goes to: the first whose circuit is not open, if it sends
+        batches; None when letters should go one by one (through failover as usual)."""
+        for provider in self.providers:
+            if self.breaker is not None:
+                state = self.breaker.state(provider.name, now=now)
+                if state.status(now) == OPEN:
+                    continue
+            return provider if batch_limit(provider) > 1 else None  # type: ignore[return-value]
+        return None
+
+    def provider(self, name: str) -> Provider | None:
+        """The configured provider of this name."""
+        return self._by_name.get(name)
+
+    def send_batch(
+        self,
+        name: str,
+        emails: Sequence[Email],
+        key: str,
+        *,
+        replay: bool = False,
+        now: datetime,
+        clock: Clock = utcnow,
+    ) -> list[Outcome]:
+        """Send `emails` to provider `name` in one call under `key`; one Outcome per email.
+
+        `replay`: this call repeats a batch whose first call had an unknown outcome.
+        """
+        provider = self._by_name.get(name)
+        run = _Run(emails[0], now, clock, self._batch_wait)
+        sticky = name if replay else None
+        if provider is None or batch_limit(provider) < len(emails):
+            why = f"batch provider {name} is not configured for batches of {len(emails)}"
+            return [
+                Outcome(
+                    ErrorClass.AMBIGUOUS if replay else ErrorClass.TRANSIENT,
+                    error=why,
+                    pinned_provider=sticky,
+                    keep_batch=replay,
+                )
+                for _ in emails
+            ]
+        gate = self._gate(provider, run)
+        if gate is not None:
+            return self._batch_failed(run, gate, len(emails), deferred=True, replay=replay)
+        started = run.start()
+        run.called = True
+        try:
+            results = provider.send_batch(emails, key)  # type: ignore[attr-defined]
+        except ProviderError as exc:
+            run.record(provider.name, exc.error_class, started, error=exc)
+            self._count(provider.name, exc, run)
+            log.warning(
+                "batch of %d via %s failed (%s): %s", len(emails), name, exc.error_class, exc
+            )
+            deferred = exc.status_code == 429
+            if deferred and exc.retry_after and self.limiter is not None:
+                pause = getattr(self.limiter, "pause", None)
+                if pause is not None:
+                    pause(name, exc.retry_after)
+            return self._batch_failed(
+                run, exc, len(emails), deferred=deferred, replay=replay, provider=provider
+            )
+        except Exception as exc:
+            log.exception("batch via %s raised unexpectedly", name)
+            # The type only: the text of an error we did not write may quote the letter.
+            error = AmbiguousProviderError(name, f"unexpected {type(exc).__name__}")
+            run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
+            self._count(provider.name, error, run)
+            return self._batch_failed(run, error, len(emails), replay=replay, provider=provider)
+        self._succeeded(provider.name, run)
+        t0 = started[1]
+        duration = int(round((time.perf_counter() - t0) * 1000))
+        outcomes = []
+        for result in results:
+            if isinstance(result, Accepted):
+                call = ProviderCall(
+                    name,
+                    "accepted",
+                    started[0],
+                    duration,
+                    status_code=result.status_code,
+                    provider_message_id=result.message_id,
+                )
+                outcomes.append(
+                    Outcome(
+                        None, calls=[call], provider=name, provider_message_id=result.message_id
+                    )
+                )
+                continue
+            call = ProviderCall(
+                name,
+                result.error_class,
+                started[0],
+                duration,
+                status_code=result.status_code,
+                error_code=result.error_code,
+                message=short(str(result).removeprefix(f"{name}: ")),
+            )
+            ambiguous = isinstance(result, AmbiguousProviderError)
+            outcomes.append(
+                Outcome(
+                    result.error_class,
+                    calls=[call],
+                    error=short(str(result), ERROR_LIMIT),
+                    retry_after=result.retry_after,
+                    pinned_provider=name if ambiguous or replay else None,
+                    keep_batch=replay,
+                )
+            )
+        return outcomes
+
+    def _batch_failed(
+        self,
+        run: _Run,
+        error: ProviderError,
+        count: int,
+        *,
+        deferred: bool = False,
+        replay: bool,
+        provider: Provider | None = None,
+    ) -> list[Outcome]:
+        """The same Outcome for every letter of a batch whose call failed as a whole."""
+        ambiguous = isinstance(error, AmbiguousProviderError)
+        replays = bool(getattr(provider, "replays_batches", False))
+        pinned = error.provider if ambiguous or replay else None
+        error_class = ErrorClass.TRANSIENT if deferred else error.error_class
+        return [
+            Outcome(
+                error_class=error_class,
+                calls=list(run.calls),
+                error=short(str(error), ERROR_LIMIT),
+                retry_after=error.retry_after,
+                pinned_provider=pinned,
+                deferred=deferred,
+                keep_batch=replay or (ambiguous and replays),
+            )
+            for _ in range(count)
+        ]
 
     def close(self) -> None:
         """Release what the chain owns (the HTTP client built by `build_chain`)."""
@@ -336,7 +494,8 @@ class ProviderChain:
         except Exception as exc:
             # A bug or an unexpected library error: we cannot know whether it went out.
             log.exception("send via %s raised unexpectedly", provider.name)
-            error = AmbiguousProviderError(provider.name, f"unexpected {type(exc).__name__}: {exc}")
+            # The type only: the text of an error we did not write may quote the letter.
+            error = AmbiguousProviderError(provider.name, f"unexpected {type(exc).__name__}")
             run.record(provider.name, ErrorClass.AMBIGUOUS, started, error=error)
             self._count(provider.name, error, run)
             return error

@@ -81,10 +81,12 @@ def translate(
 
 def retry_after(response: httpx.Response) -> float | None:
     """Seconds from a Retry-After header (delta-seconds, or an HTTP date read against the
-    response's own Date header so that no local clock is involved); None when absent."""
+    response's own Date header so that no local clock is involved), else from the IETF
+    `ratelimit-reset` header (seconds until the quota window resets, sent by Resend);
+    None when both are absent."""
     raw = response.headers.get("retry-after", "").strip()
     if not raw:
-        return None
+        return _ratelimit_reset(response)
     try:
         return max(0.0, float(raw))
     except ValueError:
@@ -94,6 +96,14 @@ def retry_after(response: httpx.Response) -> float | None:
     if when is None or sent is None:
         return None
     return max(0.0, (when - sent).total_seconds())
+
+
+def _ratelimit_reset(response: httpx.Response) -> float | None:
+    raw = response.headers.get("ratelimit-reset", "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else None
+    except ValueError:
+        return None
 
 
 def _http_date(raw: str) -> datetime | None:

@@ -11,17 +11,19 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import ProviderError, TransientProviderError
 from core.files import private_dir
-from core.providers.base import Accepted, Email
+from core.providers.base import Accepted, BatchResult, Email
 from core.providers.http import short
 from core.providers.smtp import message_bytes, message_id_for
 
 log = logging.getLogger(__name__)
 
 NAME = "outbox"
+BATCH_LIMIT = 500
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
 
@@ -30,6 +32,8 @@ class OutboxProvider:
 
     name = NAME
     can_look_up = True
+    batch_limit = BATCH_LIMIT
+    replays_batches = False
     lookup_lags = False
 
     def __init__(self, directory: Path | str) -> None:
@@ -57,6 +61,20 @@ class OutboxProvider:
             log.error("outbox %s cannot be written", self.directory, exc_info=True)
             raise _translate(exc) from exc
         return self._accepted(email)
+
+    def batch_body(self, emails: Sequence[Email]) -> bytes:
+        """The files a batch writes stand for its request."""
+        return "\n".join(self.path_for(e.idempotency_key).name for e in emails).encode()
+
+    def send_batch(self, emails: Sequence[Email], key: str) -> BatchResult:
+        """Many files: each message written once, each with its own answer."""
+        results: BatchResult = []
+        for email in emails:
+            try:
+                results.append(self.send(email))
+            except ProviderError as exc:
+                results.append(exc)
+        return results
 
     def find_sent(self, email: Email) -> Accepted | None:
         """The message if its file exists."""

@@ -5,6 +5,8 @@ before anything is sent again (DESIGN.md invariant 7). See docs/providers.md for
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -16,9 +18,10 @@ from core.errors import (
     TransientProviderError,
 )
 from core.providers import http
-from core.providers.base import Accepted, Email
+from core.providers.base import Accepted, BatchResult, Email
 
 NAME = "postmark"
+BATCH_LIMIT = 500
 METADATA_KEY = "idempotency_key"
 # Postmark ErrorCodes about the account or server, never about the letter: fail over.
 # 10 bad token, 400/401 sender signature missing/unconfirmed, 405 not allowed to send
@@ -34,6 +37,8 @@ class PostmarkProvider:
 
     name = NAME
     can_look_up = True
+    batch_limit = BATCH_LIMIT
+    replays_batches = False  # no idempotency: each message is looked up by its metadata
     lookup_lags = True  # the outbound search shows a message some time after it was accepted
 
     def __init__(
@@ -69,6 +74,36 @@ class PostmarkProvider:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
             raise _translate(exc) from exc
         return Accepted(NAME, message_id, response.status_code)
+
+    def batch_body(self, emails: Sequence[Email]) -> bytes:
+        """The JSON array of messages, each carrying its delivery's key in Metadata."""
+        return json.dumps(
+            [payload(e, self._stream) for e in emails], separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+    def send_batch(self, emails: Sequence[Email], key: str) -> BatchResult:
+        """POST /email/batch: HTTP 200 with one result per message (ErrorCode 0 = accepted).
+
+        `key` names the batch for our records only: Postmark has no idempotency key, so an
+        unknown outcome is settled message by message through `find_sent`.
+        """
+        if not 0 < len(emails) <= BATCH_LIMIT:
+            raise ValueError(f"a Postmark batch carries 1 to {BATCH_LIMIT} messages")
+        headers = {**self._headers, "Content-Type": "application/json"}
+        try:
+            response = self._client.post(
+                f"{self._base}/email/batch",
+                content=self.batch_body(emails),
+                headers=headers,
+                timeout=self._timeout,
+            )
+            response.raise_for_status()
+            answers = response.json()
+            if not isinstance(answers, list) or len(answers) != len(emails):
+                raise ValueError(f"expected {len(emails)} results")
+            return [_batch_result(a, response.status_code) for a in answers]
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
+            raise _translate_batch(exc) from exc
 
     def find_sent(self, email: Email) -> Accepted | None:
         """The outbound message carrying this idempotency key, if Postmark has one."""
@@ -121,6 +156,29 @@ def payload(email: Email, stream: str) -> dict[str, Any]:
 def _translate(exc: Exception) -> ProviderError:
     """Every way a Postmark call can fail, as one of our provider errors."""
     return http.translate(NAME, exc, _from_response)
+
+
+def _translate_batch(exc: Exception) -> ProviderError:
+    """A batch call's failure: a 5xx may follow stored messages (ambiguous: look each up);
+    a whole-call 4xx refused them all and blames no single letter (transient)."""
+    error = _translate(exc)
+    fields: dict[str, Any] = {"status_code": error.status_code, "error_code": error.error_code}
+    detail = str(error).removeprefix(f"{NAME}: ")
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500:
+        return AmbiguousProviderError(NAME, detail, **fields)
+    if isinstance(error, PermanentProviderError):
+        return TransientProviderError(NAME, detail, **fields)
+    return error
+
+
+def _batch_result(answer: dict[str, Any], status: int) -> Accepted | ProviderError:
+    """One message's answer inside a batch response."""
+    code = int(answer.get("ErrorCode", -1))
+    if code == 0:
+        return Accepted(NAME, str(answer["MessageID"]), status)
+    message = http.short(str(answer.get("Message") or f"ErrorCode {code}"))
+    kind = TransientProviderError if code in ACCOUNT_ERROR_CODES else PermanentProviderError
+    return kind(NAME, message, status_code=422, error_code=str(code))
 
 
 def _from_response(response: httpx.Response) -> ProviderError:

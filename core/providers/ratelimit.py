@@ -26,6 +26,10 @@ class RateLimiter(Protocol):
         """0 when allowed now (and counted), else seconds until a send may be allowed."""
         ...
 
+    def pause(self, provider: str, seconds: float) -> None:
+        """The provider said "too many" (429, Retry-After): allow nothing for `seconds`."""
+        ...
+
 
 class LocalRateLimiter:
     """A thread-safe token bucket per provider: `rate` per second, bursts up to `burst`."""
@@ -57,6 +61,11 @@ class LocalRateLimiter:
             self._buckets[provider] = (tokens, now)
             return (1 - tokens) / self.rate
 
+    def pause(self, provider: str, seconds: float) -> None:
+        """Empty the bucket so that the next token comes `seconds` from now."""
+        with self._lock:
+            self._buckets[provider] = (1 - max(0.0, seconds) * self.rate, self._clock())
+
 
 # GCRA. KEYS[1] holds the theoretical arrival time (TAT) of the next send, in seconds.
 # ARGV[1] = seconds per send (1/rate), ARGV[2] = burst tolerance in seconds.
@@ -73,6 +82,20 @@ if wait > 0 then return tostring(wait) end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 return '0'
+"""
+
+
+# KEYS[1] as above; ARGV[1] = seconds to pause, ARGV[2] = the burst tolerance less one interval.
+# Moves the TAT so that the next send is allowed `pause` from now, and no burst follows it.
+_PAUSE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local until_ = now + tonumber(ARGV[1]) + tonumber(ARGV[2])
+if tat < until_ then
+  redis.call('SET', KEYS[1], string.format('%.6f', until_), 'PX', math.ceil((until_ - now) * 1000) + 1000)
+end
+return 1
 """
 
 
@@ -100,6 +123,7 @@ class RedisRateLimiter:
         self.burst = max(1.0, burst if burst is not None else rate)
         self.prefix = prefix
         self._script: Any = redis_client.register_script(_GCRA)
+        self._pause: Any = redis_client.register_script(_PAUSE)
         self._fallback = LocalRateLimiter(rate, burst=burst, clock=clock)
         self._retry_seconds = retry_seconds
         self._clock = clock
@@ -126,3 +150,14 @@ class RedisRateLimiter:
             log.warning("rate limiter: Redis is back; limits are shared again")
             self._down_until = None
         return max(0.0, float(raw.decode() if isinstance(raw, bytes) else raw))
+
+    def pause(self, provider: str, seconds: float) -> None:
+        """Hold every consumer back for `seconds` (a 429 from the provider); best effort."""
+        self._fallback.pause(provider, seconds)
+        try:
+            # TAT = now + pause + tolerance - interval: the next send is due exactly at the end
+            # of the pause, and none of the burst allowance is left for right after it
+            ahead = (self.burst - 1) / self.rate
+            self._pause(keys=[self.key(provider)], args=[max(0.0, seconds), ahead])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rate limiter: could not share a pause through Redis (%s)", exc)

@@ -7,7 +7,9 @@ while the first is still running is refused too (409). See docs/providers.md for
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -20,9 +22,10 @@ from core.errors import (
     TransientProviderError,
 )
 from core.providers import http
-from core.providers.base import Accepted, Email
+from core.providers.base import Accepted, BatchResult, Email
 
 NAME = "resend"
+BATCH_LIMIT = 100
 # Resend tag names and values allow only ASCII letters, digits, underscores and dashes.
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -32,6 +35,8 @@ class ResendProvider:
 
     name = NAME
     can_look_up = False
+    batch_limit = BATCH_LIMIT
+    replays_batches = True
     lookup_lags = False
 
     def __init__(
@@ -45,6 +50,7 @@ class ResendProvider:
         self._client = client
         self._api_key = api_key
         self._url = base_url.rstrip("/") + "/emails"
+        self._batch_url = self._url + "/batch"
         self._timeout = timeout or httpx.USE_CLIENT_DEFAULT
 
     def send(self, email: Email) -> Accepted:
@@ -74,6 +80,43 @@ class ResendProvider:
         """Unsupported and unneeded: a retry with the same key returns the first message's id."""
         return None
 
+    def batch_body(self, emails: Sequence[Email]) -> bytes:
+        """Compact JSON with a fixed key order: a replay rebuilds it byte for byte."""
+        return json.dumps(
+            [payload(e) for e in emails], separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+    def send_batch(self, emails: Sequence[Email], key: str) -> BatchResult:
+        """POST /emails/batch under one key, permissive: a bad message fails alone.
+
+        A whole-call 5xx may follow a stored batch, so it is ambiguous here (repeat the same
+        call with the same key), not transient as for one message sent with its own key.
+        """
+        if not 0 < len(emails) <= BATCH_LIMIT:
+            raise ValueError(f"a Resend batch carries 1 to {BATCH_LIMIT} emails")
+        headers = {
+            "Authorization": f"Bearer {self._api_key}",
+            "Idempotency-Key": key,
+            "Content-Type": "application/json",
+            "x-batch-validation": "permissive",
+        }
+        try:
+            response = self._client.post(
+                self._batch_url,
+                content=self.batch_body(emails),
+                headers=headers,
+                timeout=self._timeout,
+            )
+            response.raise_for_status()
+            body = response.json()
+            ids = [str(item["id"]) for item in body.get("data") or []]
+            errors = {
+                int(e["index"]): str(e.get("message") or "") for e in body.get("errors") or []
+            }
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
+            raise _translate_batch(exc) from exc
+        return _batch_results(len(emails), ids, errors, response.status_code)
+
 
 def payload(email: Email) -> dict[str, Any]:
     """The JSON body Resend expects."""
@@ -94,6 +137,52 @@ def payload(email: Email) -> dict[str, Any]:
 def _translate(exc: Exception) -> ProviderError:
     """Every way a Resend call can fail, as one of our provider errors."""
     return http.translate(NAME, exc, _from_response)
+
+
+def _translate_batch(exc: Exception) -> ProviderError:
+    """A batch call's failure: as for one message, except that a 5xx may hide a stored batch."""
+    error = _translate(exc)
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500:
+        return AmbiguousProviderError(
+            NAME,
+            str(error).removeprefix(f"{NAME}: "),
+            status_code=error.status_code,
+            error_code=error.error_code,
+            retry_after=error.retry_after,
+        )
+    if isinstance(error, PermanentProviderError) and not isinstance(error, PossiblySentError):
+        # The call as a whole was refused (a malformed batch): nothing was stored, and no
+        # single letter is to blame; each is retried, and fails only after its attempts.
+        return TransientProviderError(
+            NAME,
+            str(error).removeprefix(f"{NAME}: "),
+            status_code=error.status_code,
+            error_code=error.error_code,
+        )
+    return error
+
+
+def _batch_results(count: int, ids: list[str], errors: dict[int, str], status: int) -> BatchResult:
+    """Permissive answers list the created ids in order, and the refused by index."""
+    if len(ids) + len(errors) != count or any(not 0 <= i < count for i in errors):
+        raise AmbiguousProviderError(
+            NAME, f"batch answer does not match the request ({len(ids)} ids, {len(errors)} errors)"
+        )
+    created = iter(ids)
+    results: BatchResult = []
+    for index in range(count):
+        if index in errors:
+            results.append(
+                PermanentProviderError(
+                    NAME,
+                    http.short(errors[index] or "refused"),
+                    status_code=422,
+                    error_code="validation_error",
+                )
+            )
+        else:
+            results.append(Accepted(NAME, next(created), status))
+    return results
 
 
 def _from_response(response: httpx.Response) -> ProviderError:

@@ -1,17 +1,23 @@
-"""SMTP: one connection per message, with a Message-ID derived from the idempotency key.
+"""SMTP: one connection per message (or per batch), with a Message-ID derived from the
+idempotency key.
 
 SMTP has no idempotency, but the Message-ID `<{key}@capsule>` is the same on every attempt, so
 a receiver (or a human) can recognise a repeat. Whether a failure is safe to fail over depends
 on when it happened: before DATA nothing can have been accepted; a timeout or a hang-up once
 the message body is on the wire may hide an accepted message. A definite reply code decides
 whenever there is one: 4xx try later (or elsewhere), 5xx never.
+
+A batch is many mail transactions on one connection; each message gets its own answer. When
+the connection breaks mid-batch, the message on the wire is ambiguous and the rest were not
+sent (transient).
 """
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.errors import MessageError
 from email.message import EmailMessage
@@ -25,10 +31,11 @@ from core.errors import (
     ProviderError,
     TransientProviderError,
 )
-from core.providers.base import Accepted, Email
+from core.providers.base import Accepted, BatchResult, Email
 from core.providers.http import short
 
 NAME = "smtp"
+BATCH_LIMIT = 100  # messages per connection; many servers cap transactions per session
 # 7-bit output (quoted-printable bodies) goes through any relay, with or without 8BITMIME.
 _POLICY = SMTP_POLICY.clone(cte_type="7bit")
 # Replies that concern our own account or server, not the letter: fail over rather than give up.
@@ -83,6 +90,8 @@ class SmtpProvider:
     name = NAME
     can_look_up = False
     lookup_lags = False
+    batch_limit = BATCH_LIMIT
+    replays_batches = False
 
     def __init__(
         self,
@@ -119,6 +128,56 @@ class SmtpProvider:
         """SMTP cannot be asked what it received."""
         return None
 
+    def batch_body(self, emails: Sequence[Email]) -> bytes:
+        """SMTP has no batch request; the Message-IDs stand for it."""
+        return "\n".join(message_id_for(e.idempotency_key) for e in emails).encode()
+
+    def send_batch(self, emails: Sequence[Email], key: str) -> BatchResult:
+        """One connection, one mail transaction per message, one answer per message."""
+        results: BatchResult = []
+        built: list[tuple[Email, bytes]] = []
+        for email in emails:
+            try:
+                built.append((email, message_bytes(email)))
+            except ProviderError as exc:
+                results.append(exc)  # permanent, before any connection; placed below
+        smtp = self._factory()
+        try:
+            smtp.connect(self._host, self._port)
+            if smtp.sock is not None:
+                smtp.sock.settimeout(self._read_timeout)
+            self._hello(smtp)
+        except (smtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise _translate(exc, data_started=False) from exc
+        answers: dict[int, Accepted | ProviderError] = {}
+        broken: ProviderError | None = None
+        progress = _Progress()
+        for email, data in built:
+            if broken is not None:
+                answers[id(email)] = TransientProviderError(
+                    NAME, f"not sent: the connection broke ({broken})"
+                )
+                continue
+            progress.data_started = False
+            try:
+                code = self._transaction(smtp, email, data, progress)
+            except (smtplib.SMTPException, OSError) as exc:
+                error = _translate(exc, data_started=progress.data_started)
+                answers[id(email)] = error
+                if _reply(exc)[0] is None:
+                    broken = error  # no reply: the connection is gone
+                else:
+                    _reset(smtp)
+                continue
+            answers[id(email)] = Accepted(NAME, message_id_for(email.idempotency_key), code)
+        if broken is None:
+            _quit(smtp)
+        else:
+            smtp.close()
+        unbuilt = iter(results)
+        return [answers[id(e)] if id(e) in answers else next(unbuilt) for e in emails]
+
     def _deliver(self, email: Email, data: bytes, progress: _Progress) -> int:
         smtp = self._factory()
         try:
@@ -134,6 +193,11 @@ class SmtpProvider:
         if smtp.sock is not None:
             smtp.sock.settimeout(self._read_timeout)
         self._hello(smtp)
+        return self._transaction(smtp, email, data, progress)
+
+    def _transaction(
+        self, smtp: smtplib.SMTP, email: Email, data: bytes, progress: _Progress
+    ) -> int:
         sender = parseaddr(email.sender)[1] or email.sender
         code, reply = smtp.mail(sender)
         if code != 250:
@@ -154,6 +218,12 @@ class SmtpProvider:
             smtp.ehlo()
         if self._username:
             smtp.login(self._username, self._password or "")
+
+
+def _reset(smtp: smtplib.SMTP) -> None:
+    """RSET after a refused message so the next transaction starts clean."""
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        smtp.rset()
 
 
 def _quit(smtp: smtplib.SMTP) -> None:

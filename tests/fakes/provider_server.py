@@ -1,13 +1,19 @@
 """A real local HTTP server speaking the parts of the Resend and Postmark APIs we use.
 
     Resend    POST /emails                 Bearer auth, Idempotency-Key semantics
+              POST /emails/batch           ≤ 100 emails under one Idempotency-Key; strict
+                                           (one invalid → 422, nothing sent) or
+                                           `x-batch-validation: permissive` (data + errors)
     Postmark  POST /email                  X-Postmark-Server-Token
+              POST /email/batch            ≤ 500 messages; 200 with one result per message
+                                           (ErrorCode 0 = accepted), each with its Metadata
               GET  /messages/outbound      count, offset, recipient, tag, metadata_<name>
     Admin     GET  /_admin/messages        stored messages and counts per idempotency key
               GET  /_admin/keys            requests, replays and lookups per idempotency key
               GET  /_admin/stats           requests and responses per provider
               GET  /_admin/clock           the fake's clock; POST {"advance": s} | {"now": iso}
-              POST /_admin/config          {"search_lag_seconds": s}
+              POST /_admin/config          {"search_lag_seconds": s} and/or
+                                           {"quota": {"resend": n, "postmark": n}}
               POST /_admin/faults          {"provider": "resend"|"postmark"|"all", "queue": [...],
                                             "p_5xx", "p_429", "p_stall", "seed", "latency_ms",
                                             "stall_seconds", "append": false}
@@ -22,6 +28,12 @@ What it holds like the real services:
     Postmark  `count` and `offset` are required on the search; a message is found by it only
               `search_lag_seconds` (fake clock) after it was stored (default 0); Metadata holds
               at most 10 fields, names up to 20 characters, values up to 80 (else 422).
+Quota: with a quota of n for a provider, a send request (single or batch) beyond n in any
+second is answered 429 with Retry-After and `ratelimit-limit/-remaining/-reset` headers, as
+Resend answers past a team's rate limit; nothing is stored.
+Batches: a batch call is one request; it is counted under its Idempotency-Key (Resend) or
+under each message's Metadata key (Postmark). Faults apply to a batch call as a whole: a
+status before anything is stored, a stall / drop / stored:5xx after every message is stored.
 Counting: every send request is counted per idempotency key (Resend's header, Postmark's
 Metadata "idempotency_key"), whatever its answer; replays (Resend answering a known key with
 the first message) and lookups (Postmark searches by that metadata) are counted apart. Tests
@@ -51,11 +63,13 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import random
 import re
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -203,6 +217,7 @@ class FakeProviderState:
         self._lock = threading.Lock()
         self._default_latency = latency_ms
         self.search_lag_seconds = search_lag_seconds  # server configuration: reset keeps it
+        self.quota: dict[str, float] = {}  # requests per second per provider; reset keeps it
         self._busy = 0  # send requests being handled (a stall keeps one busy)
         self._idle = threading.Condition(self._lock)
         self._reset()
@@ -218,6 +233,7 @@ class FakeProviderState:
         self._key_replays: Counter[tuple[str, str]] = Counter()
         self._key_lookups: Counter[tuple[str, str]] = Counter()
         self._clock_offset = timedelta(0)
+        self._quota_hits: dict[str, deque[float]] = {p: deque() for p in PROVIDERS}
 
     def reset(self) -> None:
         with self._lock:
@@ -365,6 +381,15 @@ class FakeProviderState:
         with self._lock:
             return [m for m in self._messages if provider in (None, m.provider)]
 
+    def counts_by_delivery(self, kind: str = "letter") -> dict[str, int]:
+        """Stored messages per delivery_id (Resend tag, Postmark metadata) of this kind."""
+        counts: Counter[str] = Counter()
+        for message in self.messages():
+            labels = {**message.metadata, **message.tags}
+            if labels.get("kind") == kind and labels.get("delivery_id"):
+                counts[labels["delivery_id"]] += 1
+        return dict(counts)
+
     def counts_by_key(self, provider: str | None = None) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for message in self.messages(provider):
@@ -377,6 +402,29 @@ class FakeProviderState:
             self._requests[provider] += 1
             if key:
                 self._key_requests[(provider, key)] += 1
+
+    def count_batch_request(self, provider: str, keys: list[str]) -> None:
+        """One request on the wire, counted under every key it carries."""
+        with self._lock:
+            self._requests[provider] += 1
+            for key in keys:
+                self._key_requests[(provider, key)] += 1
+
+    def take_quota(self, provider: str) -> float | None:
+        """None when this request is within the provider's quota (and counted), else the
+        seconds until the sliding one-second window has room."""
+        limit = int(self.quota.get(provider) or 0)
+        if limit <= 0:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            hits = self._quota_hits[provider]
+            while hits and hits[0] <= now - 1.0:
+                hits.popleft()
+            if len(hits) >= limit:
+                return max(0.001, hits[0] + 1.0 - now)
+            hits.append(now)
+            return None
 
     def count_lookup(self, provider: str, key: str | None) -> None:
         if key:
@@ -473,7 +521,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         routes = {
             ("POST", "/emails"): self._resend_send,
+            ("POST", "/emails/batch"): self._resend_batch,
             ("POST", "/email"): self._postmark_send,
+            ("POST", "/email/batch"): self._postmark_batch,
             ("GET", "/messages/outbound"): self._postmark_search,
             ("GET", "/_admin/messages"): self._admin_messages,
             ("GET", "/_admin/keys"): self._admin_keys,
@@ -487,7 +537,12 @@ class _Handler(BaseHTTPRequestHandler):
         }
         route = routes.get((method, path))
         body = self._read_body()
-        sending = (method, path) in {("POST", "/emails"), ("POST", "/email")}
+        sending = method == "POST" and path in {
+            "/emails",
+            "/email",
+            "/emails/batch",
+            "/email/batch",
+        }
         if sending:
             self.state.enter()
         try:
@@ -516,9 +571,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(400, {"message": "body is not a JSON object"})
         return body
 
-    def _answer(
-        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
+    def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         try:
             self.send_response(status)
@@ -570,7 +623,109 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.count_response(provider, f"stored_{fault.status}")
             raise _Reply(fault.status, _fault_body(provider, fault))
 
+    def _quota(self, provider: str) -> None:
+        """429 past the provider's request quota, with the headers Resend sends."""
+        wait = self.state.take_quota(provider)
+        if wait is None:
+            return
+        self.state.count_response(provider, "quota_429")
+        limit = int(self.state.quota.get(provider) or 0)
+        headers = {
+            "Retry-After": str(max(1, math.ceil(wait))),
+            "ratelimit-limit": str(limit),
+            "ratelimit-remaining": "0",
+            "ratelimit-reset": str(max(1, math.ceil(wait))),
+        }
+        body = (
+            _resend_error(429, "rate_limit_exceeded", "Too many requests.")
+            if provider == "resend"
+            else {"ErrorCode": 429, "Message": "Rate limit exceeded."}
+        )
+        raise _Reply(429, body, headers)
+
+    def _json_list(self, provider: str, limit: int) -> list[Any]:
+        try:
+            body = json.loads(self._body or b"[]")
+        except ValueError:
+            raise _Reply(400, {"message": "body is not JSON"}) from None
+        if not isinstance(body, list) or not 0 < len(body) <= limit:
+            message = f"a batch holds 1 to {limit} emails"
+            raise _Reply(
+                422,
+                _resend_error(422, "validation_error", message)
+                if provider == "resend"
+                else {"ErrorCode": 300, "Message": message},
+            )
+        if not all(isinstance(item, dict) for item in body):
+            raise _Reply(400, {"message": "every batch item is a JSON object"})
+        return body
+
     # Resend
+
+    def _resend_batch(self) -> None:
+        """POST /emails/batch: one key for the call; a replay answers the first call's ids."""
+        key = self.headers.get("Idempotency-Key")
+        self.state.count_batch_request("resend", [key] if key else [])
+        auth = self.headers.get("Authorization", "")
+        if auth.removeprefix("Bearer ") != self.state.resend_api_key:
+            raise _Reply(403, _resend_error(403, "invalid_api_key", "API key is invalid."))
+        self._quota("resend")
+        items = self._json_list("resend", 100)
+        permissive = self.headers.get("x-batch-validation", "strict").lower() == "permissive"
+        fault, latency, stall = self.state.next_fault("resend")
+        self._apply_fault("resend", fault, latency)
+        errors: list[dict[str, Any]] = []
+        valid: list[tuple[dict[str, Any], list[str]]] = []
+        for index, item in enumerate(items):
+            try:
+                valid.append((item, _resend_validate(item)))
+            except _Reply as refused:
+                if not permissive:
+                    raise
+                errors.append({"index": index, "message": str(refused.body.get("message"))})
+        if key is not None and not 0 < len(key) <= RESEND_KEY_MAX_CHARS:
+            raise _Reply(400, _resend_error(400, "invalid_idempotency_key", "The key is too long."))
+        fingerprint = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+        if key:
+            earlier = self.state.begin_key(key, fingerprint)
+            if earlier is not None:
+                self._pause(latency)
+                self.state.count_response("resend", 200)
+                raise _Reply(200, json.loads(earlier))
+        answer: dict[str, Any] = {"data": []}
+        try:
+            self._pause(latency)
+            for item, to in valid:
+                message_id = str(uuid.uuid4())
+                self.state.store(
+                    StoredMessage(
+                        provider="resend",
+                        id=message_id,
+                        idempotency_key=key,
+                        sender=str(item["from"]),
+                        to=to,
+                        subject=str(item.get("subject", "")),
+                        text=str(item.get("text", "")),
+                        tags={
+                            str(t.get("name")): str(t.get("value")) for t in item.get("tags") or []
+                        },
+                        received_at=_now_iso(),
+                        stored_at=self.state.now(),
+                    )
+                )
+                answer["data"].append({"id": message_id})
+            if permissive:
+                answer["errors"] = errors
+            self._stall("resend", fault, stall)
+        except BaseException:
+            if key:
+                self.state.finish_key(key, None)
+            raise
+        if key:
+            self.state.finish_key(key, json.dumps(answer))
+        self._after_store("resend", fault)
+        self.state.count_response("resend", 200)
+        raise _Reply(200, answer)
 
     def _resend_send(self) -> None:
         key = self.headers.get("Idempotency-Key")
@@ -586,6 +741,7 @@ class _Handler(BaseHTTPRequestHandler):
         if auth.removeprefix("Bearer ") != self.state.resend_api_key:
             raise _Reply(403, _resend_error(403, "invalid_api_key", "API key is invalid."))
         body = self._json()
+        self._quota("resend")
         fault, latency, stall = self.state.next_fault("resend")
         self._apply_fault("resend", fault, latency)
         to = _resend_validate(body)
@@ -638,9 +794,78 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("X-Postmark-Server-Token") != self.state.postmark_token:
             raise _Reply(401, {"ErrorCode": 10, "Message": "Bad or missing Server API token."})
 
+    def _postmark_batch(self) -> None:
+        """POST /email/batch: 200 with one result per message; no idempotency."""
+        try:
+            raw = json.loads(self._body or b"[]")
+            keys = (
+                [
+                    str(m["Metadata"][POSTMARK_KEY_FIELD])
+                    for m in raw
+                    if isinstance(m, dict)
+                    and isinstance(m.get("Metadata"), dict)
+                    and m["Metadata"].get(POSTMARK_KEY_FIELD)
+                ]
+                if isinstance(raw, list)
+                else []
+            )
+        except ValueError:
+            keys = []
+        self.state.count_batch_request("postmark", keys)
+        self._postmark_auth()
+        self._quota("postmark")
+        items = self._json_list("postmark", 500)
+        fault, latency, stall = self.state.next_fault("postmark")
+        self._apply_fault("postmark", fault, latency)
+        self._pause(latency)
+        results: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                to = _postmark_validate(item, self.state.inactive_recipients)
+            except _Reply as refused:
+                results.append(
+                    {
+                        "ErrorCode": refused.body.get("ErrorCode", 300),
+                        "Message": refused.body.get("Message", "invalid"),
+                        "To": item.get("To"),
+                    }
+                )
+                continue
+            message_id = str(uuid.uuid4())
+            metadata = {str(k): str(v) for k, v in (item.get("Metadata") or {}).items()}
+            self.state.store(
+                StoredMessage(
+                    provider="postmark",
+                    id=message_id,
+                    idempotency_key=metadata.get(POSTMARK_KEY_FIELD),
+                    sender=str(item["From"]),
+                    to=to,
+                    subject=str(item.get("Subject", "")),
+                    text=str(item.get("TextBody", "")),
+                    metadata=metadata,
+                    tag=item.get("Tag"),
+                    received_at=_now_iso(),
+                    stored_at=self.state.now(),
+                )
+            )
+            results.append(
+                {
+                    "To": item.get("To"),
+                    "SubmittedAt": _now_iso(),
+                    "MessageID": message_id,
+                    "ErrorCode": 0,
+                    "Message": "OK",
+                }
+            )
+        self._stall("postmark", fault, stall)
+        self._after_store("postmark", fault)
+        self.state.count_response("postmark", 200)
+        raise _Reply(200, results)
+
     def _postmark_send(self) -> None:
         self.state.count_request("postmark", _postmark_key(self._body))
         self._postmark_auth()
+        self._quota("postmark")
         body = self._json()
         fault, latency, stall = self.state.next_fault("postmark")
         self._apply_fault("postmark", fault, latency)
@@ -717,6 +942,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "total": len(messages),
                 "messages": [_as_json(m) for m in messages],
                 "counts_by_key": self.state.counts_by_key(provider),
+                "counts_by_delivery": self.state.counts_by_delivery(),
                 "requests_by_key": self.state.key_counts(provider)["requests"],
             }
         )
@@ -738,6 +964,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _admin_config(self) -> None:
         body = self._json()
+        if "quota" in body:
+            try:
+                quota = {str(p): float(n) for p, n in dict(body["quota"]).items()}
+            except (TypeError, ValueError):
+                raise _Reply(400, {"message": "quota is {provider: requests per second}"}) from None
+            if any(p not in PROVIDERS or n < 0 for p, n in quota.items()):
+                raise _Reply(400, {"message": "quota: known providers, non-negative rates"})
+            self.state.quota.update(quota)
+            if "search_lag_seconds" not in body:
+                _ok({"quota": self.state.quota})
         try:
             lag = float(body["search_lag_seconds"])
         except (KeyError, TypeError, ValueError):
@@ -745,7 +981,7 @@ class _Handler(BaseHTTPRequestHandler):
         if lag < 0:
             raise _Reply(400, {"message": "search_lag_seconds must not be negative"})
         self.state.search_lag_seconds = lag
-        _ok({"search_lag_seconds": lag})
+        _ok({"search_lag_seconds": lag, "quota": self.state.quota})
 
     def _admin_faults(self) -> None:
         body = self._json()
@@ -926,6 +1162,7 @@ class FakeProviderServer:
         postmark_token: str = DEFAULT_POSTMARK_TOKEN,
         latency_ms: float = 0.0,
         search_lag_seconds: float = 0.0,
+        quota: dict[str, float] | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -935,6 +1172,7 @@ class FakeProviderServer:
             latency_ms=latency_ms,
             search_lag_seconds=search_lag_seconds,
         )
+        self.state.quota.update(quota or {})
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port = port
@@ -1036,6 +1274,21 @@ class FakeProviderServer:
     def search_lag_seconds(self, seconds: float) -> None:
         self.state.search_lag_seconds = seconds
 
+    def set_quota(self, provider: str, requests_per_second: float) -> None:
+        """At most this many send requests per second for `provider` (0 = unlimited)."""
+        self.state.quota[provider] = requests_per_second
+
+    def messages_for_delivery(self, delivery_id: str, kind: str = "letter") -> list[StoredMessage]:
+        """Stored messages of one letter (`kind`; an owner's notice has its own), by its
+        delivery_id (Resend tag, Postmark metadata): how "sent once" is counted when letters
+        travel in batches under a batch key."""
+        return [
+            m
+            for m in self.messages()
+            if {**m.metadata, **m.tags}.get("delivery_id") == delivery_id
+            and {**m.metadata, **m.tags}.get("kind") == kind
+        ]
+
     def mark_inactive(self, address: str) -> None:
         """Postmark will answer 422 / ErrorCode 406 for this recipient."""
         self.state.inactive_recipients.add(address.lower())
@@ -1085,6 +1338,9 @@ class AdminClient:
     def set_search_lag(self, seconds: float) -> None:
         self._post("/_admin/config", {"search_lag_seconds": seconds})
 
+    def set_quota(self, provider: str, requests_per_second: float) -> None:
+        self._post("/_admin/config", {"quota": {provider: requests_per_second}})
+
     def reset(self) -> None:
         self._post("/_admin/reset", {})
 
@@ -1104,6 +1360,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--search-lag-seconds", type=float, default=0.0)
+    parser.add_argument(
+        "--quota", type=float, default=0.0, help="send requests per second per provider (0 = none)"
+    )
     parser.add_argument("--p-5xx", type=float, default=0.0)
     parser.add_argument("--p-429", type=float, default=0.0)
     parser.add_argument("--p-stall", type=float, default=0.0)
@@ -1120,6 +1379,7 @@ def main(argv: list[str] | None = None) -> None:
         postmark_token=args.postmark_token,
         latency_ms=args.latency_ms,
         search_lag_seconds=args.search_lag_seconds,
+        quota={p: args.quota for p in PROVIDERS} if args.quota else None,
     ).start()
     server.set_faults(
         "all",

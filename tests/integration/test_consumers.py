@@ -113,6 +113,9 @@ def provider_env(server: FakeProviderServer, **extra: str) -> dict[str, str]:
         "CAPSULE_POSTMARK_BASE_URL": server.url,
         "CAPSULE_PROVIDER_RATE_PER_SECOND": "1000",
         "CAPSULE_CIRCUIT_FAILURE_THRESHOLD": "1000",
+        # These tests count one send request per letter key: the one-letter path. Batches
+        # (one request, one key for many letters) are tested in test_batch_faults.py.
+        "CAPSULE_BATCH_SIZE": "1",
         **extra,
     }
 

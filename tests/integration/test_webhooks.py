@@ -340,3 +340,27 @@ def test_the_backstop_processes_an_event_whose_task_was_lost(app: App) -> None:
 
     assert state(app, delivery_id) == ("bounced", "hard")
     assert count(app, Notification, Notification.kind == DELIVERY_BOUNCED) == 1
+
+
+def test_a_batch_claim_never_takes_a_letter_to_a_suppressed_address(app: App) -> None:
+    # Given three due letters, one of them to an address on the list
+    from core import batches
+
+    dead = sent_letter(app, to=DEAD, message_id="")
+    alive = [sent_letter(app, to=f"r{n}@example.com", message_id="") for n in range(2)]
+    due = T0 + timedelta(minutes=2)
+    with session_scope(app.session_factory) as s:
+        webhooks.suppress(s, DEAD, "hard_bounce", now=T0, actor="test")
+        s.commit()
+
+    # When a batch gathers every due letter it may
+    with session_scope(app.session_factory) as s:
+        taken = batches.claim_more(s, "t-batch", limit=10, now=due, lease_seconds=60)
+        s.commit()
+
+    # Then it leaves the suppressed one to its own run, which holds it
+    assert sorted(c.delivery_id for c in taken) == sorted(alive)
+    with session_scope(app.session_factory) as s:
+        assert webhooks.hold_if_suppressed(s, dead, now=due)
+        s.commit()
+    assert state(app, dead) == ("held", None)

@@ -224,6 +224,19 @@ def test_an_unexpected_exception_is_treated_as_ambiguous() -> None:
     assert second.sent == []
 
 
+def test_an_unexpected_exception_s_text_is_not_kept() -> None:
+    # A library error may quote what it choked on (a header: the subject). last_error is stored
+    # and shown to support, so only the type is kept.
+    subject = "Dear future me, the secret is 42"
+
+    result = send(ProviderChain([Scripted("resend", ValueError(f"bad header {subject!r}"))]))
+
+    assert result.error_class == "ambiguous"
+    assert "ValueError" in result.error
+    assert "secret" not in result.error
+    assert all("secret" not in (call.message or "") for call in result.calls)
+
+
 # ---------------------------------------------------------------- pinned
 
 

@@ -2,7 +2,7 @@
 complained) and held (due to a suppressed address)
 
 Revision ID: 0008
-Revises: 0007
+Revises: 0005
 Create Date: 2026-12-01 16:00:00
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 import core.models
 
 revision: str = "0008"
-down_revision: str | None = "0007"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
