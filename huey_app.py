@@ -87,4 +87,5 @@ def start_telemetry() -> None:
 
 import tasks.bulk  # noqa: E402
 import tasks.delivery  # noqa: E402  (registers the tasks with `huey`)
-import tasks.periodic  # noqa: E402,F401
+import tasks.periodic  # noqa: E402
+import tasks.webhooks  # noqa: E402,F401

@@ -30,24 +30,39 @@ LABELS = {
         ":material/forward_to_inbox:",
         "email the owner that the letter could not be delivered (once per delivery)",
     ),
+    triage.RELEASE: (
+        "Release",
+        ":material/play_circle:",
+        "send it now although its address is on the suppression list",
+    ),
 }
 EXPECTED = {
     triage.REQUEUE: {"failed"},
-    triage.CANCEL: {"failed", "scheduled"},
+    triage.CANCEL: {"failed", "scheduled", "held"},
     triage.NOTIFY: {"failed"},
+    triage.RELEASE: {"held"},
 }
+FAILED_ACTIONS = (triage.REQUEUE, triage.CANCEL, triage.NOTIFY)
+HELD_ACTIONS = (triage.RELEASE, triage.CANCEL)
 
 
 # The provider may have accepted these: a requeue could deliver the letter a second time.
 MAY_HAVE_ARRIVED = ("possibly_sent", "ambiguous")
 
 
-def buttons(operator: Operator, ids: list[str], *, key: str) -> None:
+def buttons(
+    operator: Operator,
+    ids: list[str],
+    *,
+    key: str,
+    actions: tuple[str, ...] = FAILED_ACTIONS,
+) -> None:
     """The action buttons for the selected ids; nothing at all for a viewer."""
     if not operator.can(Role.SUPPORT):
         return
-    cols = st.columns(len(LABELS) + 1, gap="small")
-    for col, (action, (label, icon, help_text)) in zip(cols, LABELS.items(), strict=False):
+    cols = st.columns(len(actions) + 1, gap="small")
+    for col, action in zip(cols, actions, strict=False):
+        label, icon, help_text = LABELS[action]
         with col:
             if st.button(
                 label,

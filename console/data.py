@@ -251,6 +251,12 @@ def delivery_detail(delivery_id: str) -> queries.DeliveryDetail | None:
         return queries.delivery_detail(s, uuid.UUID(delivery_id))
 
 
+@st.cache_data(ttl=NORMAL, show_spinner=False)
+def bounced_after_send(limit: int = 200) -> pd.DataFrame:
+    with session_scope(get_app().session_factory) as s:
+        return queries.bounced_after_send(s, limit=limit)
+
+
 @st.cache_data(ttl=FAST, show_spinner=False)
 def deliveries_for_address(email: str) -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:

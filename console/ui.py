@@ -24,6 +24,10 @@ STATUS_COLORS = {
     "sent": "#54A24B",
     "failed": "#E45756",
     "canceled": "#9D9DA1",
+    "delivered": "#2E7D32",
+    "bounced": "#B22222",
+    "complained": "#B279A2",
+    "held": "#EECA3B",
 }
 STATE_ICONS = {
     "pending": ":material/hourglass_top:",
@@ -211,6 +215,10 @@ def status_chip(status: str) -> str:
         "sent": "green",
         "failed": "red",
         "canceled": "gray",
+        "delivered": "green",
+        "bounced": "red",
+        "complained": "violet",
+        "held": "orange",
     }.get(status, "gray")
     return f":{color}-badge[{status}]"
 

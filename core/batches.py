@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from core.deliveries import Claim
 from core.models import BatchState, Delivery, DeliveryBatch, ErrorClass, Status
 from core.policy import lease_until
+from core.webhooks import suppressed
 
 # Resend keeps an idempotency key 24 h; a replay must go out well inside that window, or the
 # call could be taken for a new one and send every letter twice. Past it, people decide.
@@ -130,6 +131,8 @@ def claim_more(
             Delivery.pinned_provider.is_(None),
             Delivery.batch_id.is_(None),
             or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),
+            # a letter to a suppressed address is left to its own run, which holds it
+            ~suppressed(),
         )
         .order_by(Delivery.next_attempt_at)
         .limit(limit)

@@ -79,6 +79,48 @@ def _log_level(variable: str, raw: str) -> str:
     return value
 
 
+def _list(variable: str, raw: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+def _webhook_secrets(variable: str, raw: str) -> tuple[str, ...]:
+    """Svix signing secrets (`whsec_` + base64); several during a rotation."""
+    import base64
+    import binascii
+
+    secrets = _list(variable, raw)
+    for secret in secrets:
+        try:
+            encoded = secret.removeprefix("whsec_")
+            padded = encoded + "=" * (-len(encoded) % 4)
+            ok = secret.startswith("whsec_") and bool(base64.b64decode(padded, validate=True))
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(variable, "expected whsec_<base64>[,whsec_<base64>...]")
+    return secrets
+
+
+def _credentials(variable: str, raw: str) -> tuple[str, ...]:
+    """Basic auth user:password pairs; several during a rotation."""
+    pairs = _list(variable, raw)
+    if any(":" not in p or not p.split(":", 1)[0] or not p.split(":", 1)[1] for p in pairs):
+        raise ConfigError(variable, "expected user:password[,user:password...]")
+    return pairs
+
+
+def _networks(variable: str, raw: str) -> tuple[str, ...]:
+    import ipaddress
+
+    networks = _list(variable, raw)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(variable, f"{network!r} is not an IP address or network") from None
+    return networks
+
+
 # variable suffix -> (field name, parser, default, description)
 _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
     (
@@ -413,6 +455,51 @@ _SPEC: list[tuple[str, str, Callable[[str, str], Any], str, str]] = [
         "Most rows one bulk operation may touch.",
     ),
     (
+        "RESEND_WEBHOOK_SECRETS",
+        "resend_webhook_secrets",
+        _webhook_secrets,
+        "",
+        "Signing secrets (whsec_...) of the Resend webhook endpoint, comma-separated while one "
+        "is rotated; empty = /webhooks/resend refuses everything.",
+    ),
+    (
+        "POSTMARK_WEBHOOK_CREDENTIALS",
+        "postmark_webhook_credentials",
+        _credentials,
+        "",
+        "Basic auth user:password pairs in the Postmark webhook URL, comma-separated while one "
+        "is rotated; empty = /webhooks/postmark refuses everything.",
+    ),
+    (
+        "POSTMARK_WEBHOOK_ALLOWED_IPS",
+        "postmark_webhook_allowed_ips",
+        _networks,
+        "",
+        "Addresses or networks Postmark webhooks may come from (comma-separated); empty = any.",
+    ),
+    (
+        "WEBHOOK_FORWARDED_ALLOW_IPS",
+        "webhook_forwarded_allow_ips",
+        _str,
+        "127.0.0.1",
+        "Proxies whose X-Forwarded-For the webhook receiver believes (uvicorn's "
+        "forwarded_allow_ips).",
+    ),
+    (
+        "WEBHOOK_MAX_BODY_BYTES",
+        "webhook_max_body_bytes",
+        _int,
+        "262144",
+        "Largest webhook body accepted.",
+    ),
+    (
+        "WEBHOOK_GRACE_SECONDS",
+        "webhook_grace_seconds",
+        _int,
+        "60",
+        "Stored webhook events still unprocessed after this are processed by the backstop.",
+    ),
+    (
         "MARKER_CHECK_SECONDS",
         "marker_check_seconds",
         _float,
@@ -490,6 +577,12 @@ class Settings:
     missing_key_retry_seconds: int = 300
     bulk_max_rows: int = 10000
     marker_check_seconds: float = 2
+    resend_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    postmark_webhook_credentials: tuple[str, ...] = field(default=(), repr=False)
+    postmark_webhook_allowed_ips: tuple[str, ...] = ()
+    webhook_forwarded_allow_ips: str = "127.0.0.1"
+    webhook_max_body_bytes: int = 262144
+    webhook_grace_seconds: int = 60
 
     def __repr__(self) -> str:
         # Keys and tokens must never reach a log line through a repr.
@@ -521,6 +614,7 @@ class Settings:
             "DB_POOL_SIZE": self.db_pool_size,
             "MISSING_KEY_RETRY_SECONDS": self.missing_key_retry_seconds,
             "BULK_MAX_ROWS": self.bulk_max_rows,
+            "WEBHOOK_MAX_BODY_BYTES": self.webhook_max_body_bytes,
         }
         for suffix, value in positive.items():
             if value <= 0:
@@ -533,6 +627,8 @@ class Settings:
             raise ConfigError("CAPSULE_GRACE_SECONDS", "must not be negative")
         if self.lookup_settle_seconds < 0:
             raise ConfigError("CAPSULE_LOOKUP_SETTLE_SECONDS", "must not be negative")
+        if self.webhook_grace_seconds < 0:
+            raise ConfigError("CAPSULE_WEBHOOK_GRACE_SECONDS", "must not be negative")
         if self.marker_check_seconds < 0:
             raise ConfigError("CAPSULE_MARKER_CHECK_SECONDS", "must not be negative")
         url = self.resolved_database_url

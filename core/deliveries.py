@@ -287,7 +287,7 @@ def cancel_delivery(
     actor: str,
     reason: str | None = None,
 ) -> None:
-    """scheduled | failed → canceled; refunds the credit and revokes the queued task."""
+    """scheduled | failed | held → canceled; refunds the credit and revokes the queued task."""
     with session_scope(session_factory) as session:
         row = _load(session, delivery_id)
         old_task = row.task_id
@@ -296,7 +296,7 @@ def cancel_delivery(
             session,
             row,
             "cancel",
-            {Status.SCHEDULED, Status.FAILED},
+            {Status.SCHEDULED, Status.FAILED, Status.HELD},
             now,
             status=Status.CANCELED,
             canceled_at=now,

@@ -6,6 +6,7 @@
     │   ├── InvalidAddress
     │   ├── InvalidDeliveryTime
     │   ├── LetterTooLarge
+    │   ├── WebhookPayloadError     a verified webhook whose body we cannot read
     │   └── BulkConflict            an active bulk operation covers the same rows (operation_id)
     ├── InsufficientCredit          the owner has no credit left (user_id)
     ├── NotFound                    (entity, key)
@@ -68,6 +69,13 @@ class InvalidDeliveryTime(ValidationError):
 
 class LetterTooLarge(ValidationError):
     """The letter exceeds the configured size limit."""
+
+
+class WebhookPayloadError(ValidationError):
+    """A provider's webhook body lacks what an event needs (type, message id, event id)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("payload", message)
 
 
 class BulkConflict(ValidationError):

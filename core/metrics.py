@@ -6,6 +6,7 @@
       capsule_claims_total                               capsule_stuck_deliveries
       capsule_delivery_lateness_seconds                  capsule_safety_net_last_run_age_seconds
       capsule_safety_net_runs_total                      capsule_provider_circuit_state
+      capsule_webhook_events_total
                                                          capsule_queue_depth
                                                          capsule_database_up
 
@@ -69,6 +70,12 @@ LATENESS = Histogram(
     "capsule_delivery_lateness_seconds",
     "Sent time minus due time (deliver_at) of each letter sent.",
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+WEBHOOK_EVENTS = Counter(
+    "capsule_webhook_events_total",
+    "Provider webhook events processed, by provider, event type (delivered, bounced, "
+    "complained, delayed, other) and outcome (applied, unchanged, unmatched, not_sent).",
+    ["provider", "type", "outcome"],
 )
 SAFETY_NET_RUNS = Counter(
     "capsule_safety_net_runs_total",
@@ -229,8 +236,8 @@ class DatabaseCollector(Collector):
 
         with session_scope(self.session_factory) as session:
             scheduled, _ = scheduled_count(session)  # PostgreSQL's estimate above 50,000
-            processing, failed = session.execute(
-                select(_count(Status.PROCESSING), _count(Status.FAILED))
+            processing, failed, held = session.execute(
+                select(_count(Status.PROCESSING), _count(Status.FAILED), _count(Status.HELD))
             ).one()
             oldest_due = session.scalar(
                 select(func.min(Delivery.next_attempt_at)).where(
@@ -263,6 +270,7 @@ class DatabaseCollector(Collector):
             (Status.SCHEDULED, scheduled),
             (Status.PROCESSING, processing),
             (Status.FAILED, failed),
+            (Status.HELD, held),
         ):
             deliveries.add_metric([status.value], int(count or 0))
         oldest = GaugeMetricFamily(

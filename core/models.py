@@ -75,6 +75,28 @@ class Status(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"
     CANCELED = "canceled"
+    # After sent, from the provider's webhooks (core.webhooks): what became of the message.
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # bounce_kind: hard | soft
+    COMPLAINED = "complained"
+    # Due, but to an address on the suppression list: waits for a person (release or cancel).
+    HELD = "held"
+
+
+# Statuses a delivery reaches only after the provider accepted it.
+AFTER_SENT = (Status.SENT, Status.DELIVERED, Status.BOUNCED, Status.COMPLAINED)
+STATUS_VALUES = tuple(s.value for s in Status)
+
+
+class BounceKind(enum.StrEnum):
+    HARD = "hard"
+    SOFT = "soft"
+
+
+class SuppressionReason(enum.StrEnum):
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    MANUAL = "manual"
 
 
 class ErrorClass(enum.StrEnum):
@@ -89,7 +111,9 @@ class ErrorClass(enum.StrEnum):
     MISSING_KEY = "missing_key"
 
 
-TERMINAL = frozenset({Status.SENT, Status.CANCELED})
+TERMINAL = frozenset(
+    {Status.SENT, Status.CANCELED, Status.DELIVERED, Status.BOUNCED, Status.COMPLAINED}
+)
 
 # Failures the failed retrier may resend on its own: definitely not accepted, or a run that
 # died before it knew (its recovery looks first). Not ambiguous: such a letter may have
@@ -99,6 +123,8 @@ AUTO_RETRY_CLASSES = (ErrorClass.TRANSIENT, ErrorClass.LEASE_EXPIRED)
 RETRYABLE_FAILED = "status = 'failed' AND error_class IN ({})".format(
     ", ".join(f"'{c.value}'" for c in AUTO_RETRY_CLASSES)
 )
+# Accepted by a provider, whatever its webhooks said since: throughput and lateness count these.
+AFTER_SENT_WHERE = "status IN ({})".format(", ".join(f"'{s.value}'" for s in AFTER_SENT))
 
 
 class User(Base):
@@ -172,8 +198,9 @@ class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
         CheckConstraint(
-            "status in ('scheduled','processing','sent','failed','canceled')", name="status"
+            "status in ({})".format(",".join(f"'{v}'" for v in STATUS_VALUES)), name="status"
         ),
+        CheckConstraint("bounce_kind in ('hard','soft')", name="bounce_kind"),
         # due and unclaimed: the dispatcher and the backstop
         Index(
             "ix_deliveries_due",
@@ -205,16 +232,19 @@ class Delivery(Base):
             postgresql_where=text(RETRYABLE_FAILED),
             sqlite_where=text(RETRYABLE_FAILED),
         ),
-        # sent in a window: throughput, and lateness read from the index alone (deliver_at)
+        # sent in a window: throughput, and lateness read from the index alone (deliver_at);
+        # a letter stays counted as sent when its provider later reports it delivered/bounced
         Index(
             "ix_deliveries_sent",
             "sent_at",
             "deliver_at",
-            postgresql_where=text("status = 'sent'"),
-            sqlite_where=text("status = 'sent'"),
+            postgresql_where=text(AFTER_SENT_WHERE),
+            sqlite_where=text(AFTER_SENT_WHERE),
         ),
         Index("ix_deliveries_status_updated", "status", "updated_at"),
         Index("ix_deliveries_user", "user_id", "created_at"),
+        # provider webhooks find their letter by the message id recorded at send
+        Index("ix_deliveries_provider_message_id", "provider_message_id"),
         Index("ix_deliveries_batch", "batch_id"),
     )
 
@@ -239,6 +269,10 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None]
     failed_at: Mapped[datetime | None]
     canceled_at: Mapped[datetime | None]
+    # After sent: the latest word from the provider's webhooks (core.webhooks).
+    bounce_kind: Mapped[str | None] = mapped_column(String(8))
+    reported_at: Mapped[datetime | None]
+    held_at: Mapped[datetime | None]
     # the batch that holds it (live) or that sent it; None for a letter that went alone
     batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("delivery_batches.id"))
     version: Mapped[int] = mapped_column(default=1)
@@ -250,7 +284,17 @@ class DeliveryAttempt(Base):
     """One row per provider call."""
 
     __tablename__ = "delivery_attempts"
-    __table_args__ = (Index(None, "delivery_id", "id"), Index(None, "started_at"))
+    __table_args__ = (
+        Index(None, "delivery_id", "id"),
+        Index(None, "started_at"),
+        # provider webhooks: a message id an accepted call got, when the row does not hold it
+        Index(
+            "ix_delivery_attempts_provider_message_id",
+            "provider_message_id",
+            postgresql_where=text("provider_message_id IS NOT NULL"),
+            sqlite_where=text("provider_message_id IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deliveries.id"))
@@ -431,6 +475,72 @@ class OperatorCredential(Base):
     replaces: Mapped[str] = mapped_column(String(64))
     password_hash: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime]
+
+
+class WebhookEvent(Base):
+    """One event a provider posted to the webhook receiver, stored before it is answered.
+
+    Unique per (provider, event_id): a provider's retry is the same row. `payload` keeps only
+    an allowlist of fields (never the subject or any letter text). `delivery_id` is None when
+    no delivery matches the provider message id: such events are kept and counted.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        UniqueConstraint("provider", "event_id"),
+        Index(None, "delivery_id", "id"),
+        Index(None, "provider_message_id"),
+        Index(None, "received_at"),
+        Index(
+            "ix_webhook_events_unprocessed",
+            "received_at",
+            postgresql_where=text("processed_at IS NULL"),
+            sqlite_where=text("processed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str] = mapped_column(
+        String(32)
+    )  # delivered | bounced | complained | delayed | other
+    bounce_kind: Mapped[str | None] = mapped_column(String(8))
+    provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    recipient: Mapped[str | None] = mapped_column(String(320))
+    occurred_at: Mapped[datetime | None]
+    received_at: Mapped[datetime]
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    processed_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(32))  # applied | unchanged | unmatched | ...
+    delivery_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deliveries.id"))
+
+
+class Suppression(Base):
+    """An address no letter is sent to blindly. Removal is kept (audited), never deleted:
+    at most one live row (removed_at IS NULL) per address."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        CheckConstraint("reason in ('hard_bounce','complaint','manual')", name="reason"),
+        Index(
+            "ix_suppressions_live_address",
+            "address",
+            unique=True,
+            postgresql_where=text("removed_at IS NULL"),
+            sqlite_where=text("removed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320))  # lower-cased
+    reason: Mapped[str] = mapped_column(String(16))
+    source_event_id: Mapped[int | None] = mapped_column(ForeignKey("webhook_events.id"))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]
+    removed_by: Mapped[str | None] = mapped_column(String(200))
+    removed_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class ConsoleSession(Base):

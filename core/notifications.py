@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from core.bootstrap import App
 
 DELIVERY_FAILED = "delivery_failed"
+# The provider accepted the letter, then the recipient's server refused it for good.
+DELIVERY_BOUNCED = "delivery_bounced"
 
 
 def request(
@@ -66,8 +68,25 @@ _NEXT_STEP = {
 }
 
 
-def _compose(delivery: Delivery, user: User, sender: str, key: str) -> Email:
+def _compose(delivery: Delivery, user: User, sender: str, key: str, kind: str) -> Email:
     when = delivery.deliver_at.strftime("%Y-%m-%d %H:%M UTC")
+    if kind == DELIVERY_BOUNCED:
+        return Email(
+            to=user.email,
+            sender=sender,
+            subject="Your letter bounced",
+            text=(
+                f"Hello {user.name or user.email},\n\n"
+                f"The letter you scheduled for {when} was sent, but the mail server of "
+                f"{delivery.recipient_email} refused it: that address no longer receives "
+                "mail.\n"
+                "Your letter is kept safe. Reply to this message or write to our support team "
+                "with a corrected address, and we will send it again.\n"
+                f"\nReference: {delivery.id}\n\n— Capsule\n"
+            ),
+            idempotency_key=key,
+            tags={"delivery_id": str(delivery.id), "kind": kind},
+        )
     text = (
         f"Hello {user.name or user.email},\n\n"
         f"The letter you scheduled for {when} to {delivery.recipient_email} could not be "
@@ -111,7 +130,7 @@ def send_pending(
     sent = 0
     for note, delivery, user in pending:
         outcome = app.chain.send(
-            _compose(delivery, user, app.settings.mail_from, note.idempotency_key),
+            _compose(delivery, user, app.settings.mail_from, note.idempotency_key, note.kind),
             pinned=None,
             now=now,
         )

@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from core.models import (
+    AFTER_SENT,
     Alert,
     AuditEvent,
     BulkOperation,
@@ -54,6 +55,7 @@ from core.models import (
     SentRollup,
     Status,
     User,
+    WebhookEvent,
 )
 from core.providers.circuit import CircuitState
 
@@ -132,6 +134,12 @@ def _is(status: Status) -> ColumnElement[bool]:
     return Delivery.status == literal(status.value, literal_execute=True)
 
 
+def _after_sent() -> ColumnElement[bool]:
+    """Accepted by a provider (sent, delivered, bounced, complained), as literals so the
+    planner matches ix_deliveries_sent's predicate."""
+    return Delivery.status.in_([literal(s.value, literal_execute=True) for s in AFTER_SENT])
+
+
 def _count(*where: ColumnElement[bool]) -> Any:
     return select(func.count()).select_from(Delivery).where(*where).scalar_subquery()
 
@@ -177,7 +185,7 @@ def tiles(
                 Delivery.next_attempt_at < now + timedelta(hours=1),
             ),
             _count(processing),
-            _count(_is(Status.SENT), Delivery.sent_at >= now - timedelta(hours=24)),
+            _count(_after_sent(), Delivery.sent_at >= now - timedelta(hours=24)),
             _count(_is(Status.FAILED)),
             _count(scheduled, Delivery.next_attempt_at < now - timedelta(seconds=grace_seconds)),
             _count(processing, Delivery.lease_until < now),
@@ -205,9 +213,10 @@ def status_counts(
 ) -> pd.DataFrame:
     """Deliveries per status: status, count, scope.
 
-    The open states (scheduled, processing, failed) are counted whole; the terminal ones (sent,
-    canceled) only when they ended within `window`: an all-time count of sent rows grows with
-    every letter ever sent and would be the one full scan of the overview. Scheduled is
+    The open states (scheduled, processing, failed, held) are counted whole; the terminal ones
+    only within `window` (sent, delivered, bounced, complained by when they were sent; canceled
+    by when it ended): an all-time count of sent rows grows with every letter ever sent and
+    would be the one full scan of the overview. Scheduled is
     `scheduled_count` (scope "estimate" when it is one).
     """
     since = now - window
@@ -217,10 +226,15 @@ def status_counts(
             _count(_is(Status.SENT), Delivery.sent_at >= since),
             _count(_is(Status.FAILED)),
             _count(_is(Status.CANCELED), Delivery.updated_at >= since),
+            _count(_is(Status.DELIVERED), Delivery.sent_at >= since),
+            _count(_is(Status.BOUNCED), Delivery.sent_at >= since),
+            _count(_is(Status.COMPLAINED), Delivery.sent_at >= since),
+            _count(_is(Status.HELD)),
         )
     ).one()
     waiting, estimated = scheduled_count(session, exact_up_to=exact_up_to)
     scopes = ["estimate" if estimated else "now", "now", "in window", "now", "in window"]
+    scopes += ["in window", "in window", "in window", "now"]
     return pd.DataFrame(
         {
             "status": [s.value for s in Status],
@@ -240,7 +254,7 @@ def _interpolate(n: int, p: float, lower: float | None, upper: float | None) -> 
 
 
 def _sent_in(since: datetime, until: datetime | None) -> list[ColumnElement[bool]]:
-    bounds = [_is(Status.SENT), Delivery.sent_at >= since]
+    bounds = [_after_sent(), Delivery.sent_at >= since]
     return bounds if until is None else [*bounds, Delivery.sent_at < until]
 
 
@@ -373,7 +387,7 @@ def reconciliation_series(
     sent_bucket = _bucket_expr(session, Delivery.sent_at, bucket).label("bucket")
     sent = session.execute(
         select(sent_bucket, func.count())
-        .where(_is(Status.SENT), Delivery.sent_at >= since)
+        .where(_after_sent(), Delivery.sent_at >= since)
         .group_by(sent_bucket)
     ).all()
     run_frame = _reindex(
@@ -784,6 +798,11 @@ class DeliveryDetail:
     attempts: pd.DataFrame = field(repr=False)
     audit: pd.DataFrame = field(repr=False)
     notifications: pd.DataFrame = field(repr=False)
+    # after sent: what the provider's webhooks said (core.webhooks), and a hold
+    bounce_kind: str | None = None
+    reported_at: datetime | None = None
+    held_at: datetime | None = None
+    provider_events: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
     # the batch that holds the letter (live) or sent it: "id · provider · n letters · state"
     batch: str | None = None
 
@@ -891,6 +910,25 @@ def delivery_detail(
             CreditEntry.delivery_id == delivery_id
         )
     )
+    events = _frame(
+        session.execute(
+            select(
+                WebhookEvent.occurred_at,
+                WebhookEvent.received_at,
+                WebhookEvent.provider,
+                WebhookEvent.type,
+                WebhookEvent.bounce_kind,
+                WebhookEvent.outcome,
+                WebhookEvent.event_id,
+            )
+            .where(WebhookEvent.delivery_id == delivery_id)
+            .order_by(WebhookEvent.id)
+            .limit(limit)
+        ).all(),
+        ["occurred_at", "received_at", "provider", "type", "bounce_kind", "outcome", "event_id"],
+    )
+    for column in ("occurred_at", "received_at"):
+        events[column] = pd.to_datetime(events[column], utc=True)
     return DeliveryDetail(
         id=str(d.id),
         status=d.status,
@@ -919,8 +957,55 @@ def delivery_detail(
         attempts=attempts,
         audit=audit,
         notifications=notes,
+        bounce_kind=d.bounce_kind,
+        reported_at=d.reported_at,
+        held_at=d.held_at,
+        provider_events=events,
         batch=_batch_line(session, d.batch_id),
     )
+
+
+AFTER_SEND_PROBLEMS = (Status.BOUNCED, Status.COMPLAINED, Status.HELD)
+
+
+def bounced_after_send(session: Session, *, limit: int = 200) -> pd.DataFrame:
+    """Letters the provider accepted that bounced or drew a complaint, and letters held for a
+    suppressed address, newest change first (ix_deliveries_status_updated)."""
+    rows = session.execute(
+        select(
+            Delivery.updated_at,
+            Delivery.status,
+            Delivery.bounce_kind,
+            Delivery.recipient_email,
+            User.email,
+            Delivery.provider,
+            Delivery.sent_at,
+            Delivery.reported_at,
+            Delivery.held_at,
+            Delivery.id,
+        )
+        .join(User, User.id == Delivery.user_id)
+        .where(Delivery.status.in_([s.value for s in AFTER_SEND_PROBLEMS]))
+        .order_by(Delivery.updated_at.desc())
+        .limit(min(limit, MAX_ROWS))
+    ).all()
+    columns = [
+        "updated_at",
+        "status",
+        "bounce_kind",
+        "recipient_email",
+        "owner_email",
+        "provider",
+        "sent_at",
+        "reported_at",
+        "held_at",
+        "id",
+    ]
+    frame = _frame(rows, columns)
+    for column in ("updated_at", "sent_at", "reported_at", "held_at"):
+        frame[column] = pd.to_datetime(frame[column], utc=True)
+    frame["id"] = frame["id"].astype(str)
+    return frame
 
 
 def _batch_line(session: Session, batch_id: uuid.UUID | None) -> str | None:

@@ -6,6 +6,7 @@
                                   dispatcher at once (seconds after a broker wipe, not a minute)
     backstop        every minute  due rows unclaimed past the grace period are dispatched again;
                                   processing rows whose lease ran out go back to scheduled;
+                                  provider webhook events left unprocessed are processed;
                                   owner notifications left pending are sent
     failed retrier  hourly        transient failures older than the cool-off are requeued, up to a cap
 
@@ -26,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core import alerts, health, notifications
+from core import alerts, health, notifications, webhooks
 from core.bootstrap import App
 from core.db import session_scope
 from core.deliveries import recover_expired_lease, requeue_delivery
@@ -192,6 +193,15 @@ def run_backstop(
             if not dispatch(app.session_factory, enqueuer, delivery_id, now, now):
                 report.errors += 1
 
+    try:
+        # provider events whose processing task was lost, or that came before their "sent"
+        older = now - timedelta(seconds=settings.webhook_grace_seconds)
+        processed = webhooks.process_pending(app, now=now, older_than=older)
+        if processed:  # not a rescue of a letter: the reconciliation chart does not count it
+            log.info("backstop processed %d stored webhook events", processed)
+    except Exception as exc:
+        log.error("processing stored webhook events failed: %s", exc)
+        report.errors += 1
     try:
         notifications.send_pending(app, now=now, older_than=now - grace)
     except Exception as exc:  # a provider outage must not stop the backstop

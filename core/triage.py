@@ -7,6 +7,8 @@ row's state in its transaction) and leaves an audit event naming the operator:
     cancel         scheduled | failed → canceled        delivery.canceled
     notify owner   queue (and send) the failure notice  notification.requested
                    or, when one exists already          notification.already_requested
+    release        held → scheduled, due now            delivery.released
+                   (a letter held for a suppressed address: support decided it may go)
 
 A role below support gets PermissionDenied before anything is read.
 """
@@ -39,10 +41,12 @@ log = logging.getLogger(__name__)
 REQUEUE = "requeue"
 CANCEL = "cancel"
 NOTIFY = "notify"
+RELEASE = "release"
 ACTIONS = {
     REQUEUE: "requeue deliveries",
     CANCEL: "cancel deliveries",
     NOTIFY: "notify letter owners",
+    RELEASE: "release held deliveries",
 }
 MAX_REASON_CHARS = 2000
 
@@ -195,6 +199,18 @@ def apply(
             elif action == CANCEL:
                 cancel(app, operator, delivery_id, reason=why, now=now)
                 message = "canceled; credit refunded"
+            elif action == RELEASE:
+                from core.webhooks import release_held
+
+                release_held(
+                    app.session_factory,
+                    app.enqueuer,
+                    delivery_id,
+                    now=now,
+                    actor=operator.identity,
+                    reason=why,
+                )
+                message = "released; it is sent now"
             else:
                 message = notify_owner(app, operator, delivery_id, reason=why, now=now).message
             results.append(ActionResult(delivery_id, True, message))

@@ -1,5 +1,6 @@
 """One delivery run: claim, open the letter(s), send through the provider chain, record.
 
+    hold                             ─ address on the suppression list → held, for a person
     claim (compare-and-set + lease)  ─ nothing to claim → stop quietly
       + more due letters, or the rest of the letter's live batch (core.batches)
     decrypt                          ─ key not in the keyring → stays scheduled, tried later
@@ -38,6 +39,7 @@ from core.models import BatchState, Delivery, ErrorClass, Letter, Status
 from core.outcomes import Outcome
 from core.policy import utcnow, within_horizon
 from core.providers.base import BatchProvider, Email, batch_limit
+from core.webhooks import hold_if_suppressed
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
@@ -93,6 +95,9 @@ def _claim(
     # must not wait on the claim's write lock (SQLite).
     provider = app.chain.batch_provider(now) if app.settings.batch_size > 1 else None
     with session_scope(app.session_factory) as session:
+        if hold_if_suppressed(session, delivery_id, now=now):
+            session.commit()  # held for a person: its address is on the suppression list
+            return None
         claimed = claim(
             session, delivery_id, task_id, now=now, lease_seconds=app.settings.lease_seconds
         )

@@ -36,7 +36,7 @@ from core.deliveries import (
 )
 from core.errors import CapsuleError, DeliveryNotFound, ValidationError
 from core.files import append_private
-from core.models import Delivery, DeliveryAttempt
+from core.models import Delivery, DeliveryAttempt, WebhookEvent
 from core.policy import parse_when, short_repr, utcnow
 
 EXIT_ERROR = 2
@@ -259,6 +259,9 @@ def delivery_status(app: App, delivery_id: uuid.UUID) -> dict[str, Any]:
             "sent_at",
             "failed_at",
             "canceled_at",
+            "bounce_kind",
+            "reported_at",
+            "held_at",
             "created_at",
             "updated_at",
         ]
@@ -276,6 +279,22 @@ def delivery_status(app: App, delivery_id: uuid.UUID) -> dict[str, Any]:
                 "started_at": a.started_at,
             }
             for a in attempts
+        ]
+        events = session.scalars(
+            select(WebhookEvent)
+            .where(WebhookEvent.delivery_id == delivery_id)
+            .order_by(WebhookEvent.id)
+        ).all()
+        data["provider_events"] = [
+            {
+                "provider": e.provider,
+                "type": e.type,
+                "bounce_kind": e.bounce_kind,
+                "occurred_at": e.occurred_at,
+                "received_at": e.received_at,
+                "outcome": e.outcome,
+            }
+            for e in events
         ]
     return data
 
@@ -485,6 +504,86 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def cmd_webhooks_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from core.receiver import build_receiver
+    from tasks.webhooks import process_webhook
+
+    app = _app()
+
+    def on_stored(event_id: int) -> None:
+        process_webhook(event_id)  # enqueued; the backstop covers a lost one
+
+    receiver = build_receiver(app, on_stored, clock=utcnow)
+    uvicorn.run(
+        receiver,
+        host=args.host,
+        port=args.port,
+        proxy_headers=True,
+        forwarded_allow_ips=app.settings.webhook_forwarded_allow_ips,
+        log_level="info",
+    )
+    return 0
+
+
+def cmd_webhooks_process(args: argparse.Namespace) -> int:
+    from core.webhooks import process_pending
+
+    now = utcnow()
+    done = process_pending(_app(), now=now, older_than=now)
+    print(f"{done} stored webhook events processed")
+    return 0
+
+
+def cmd_suppression_list(args: argparse.Namespace) -> int:
+    from core.webhooks import list_suppressions
+
+    with session_scope(_app().session_factory) as session:
+        rows = list_suppressions(session, include_removed=args.all)
+    print(json.dumps(rows, indent=2, default=lambda v: v.isoformat()))
+    return 0
+
+
+def cmd_suppression_add(args: argparse.Namespace) -> int:
+    from core.webhooks import add_suppression
+
+    actor, reason = _actor(args), _reason(args)
+    added = add_suppression(
+        _app().session_factory, args.address, now=utcnow(), actor=actor, reason=reason
+    )
+    print("added" if added else "already on the list")
+    return 0
+
+
+def cmd_suppression_remove(args: argparse.Namespace) -> int:
+    from core.webhooks import remove_suppression
+
+    actor, reason = _actor(args), _reason(args)
+    remove_suppression(
+        _app().session_factory, args.address, now=utcnow(), actor=actor, reason=reason
+    )
+    print("removed")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from core.webhooks import release_held
+
+    actor, reason = _actor(args), _reason(args)
+    app = _app()
+    release_held(
+        app.session_factory,
+        app.enqueuer,
+        _delivery_id(args.id),
+        now=utcnow(),
+        actor=actor,
+        reason=reason,
+    )
+    print("released")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="capsule", description="Capsule delivery: letters to one's future self.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -609,6 +708,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=["viewer", "support", "ops"])
     p.add_argument("--name", default="", help="display name")
     p.add_argument("--secrets", metavar="PATH", help="append the table to this secrets file")
+
+    hooks = sub.add_parser("webhooks", help="provider webhooks").add_subparsers(
+        dest="webhooks_command", required=True, metavar="COMMAND"
+    )
+    p = add(
+        "serve",
+        cmd_webhooks_serve,
+        "run the webhook receiver (/webhooks/resend, /webhooks/postmark)",
+        hooks,
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_whole_number(1, 65535), default=8300)
+    add("process", cmd_webhooks_process, "process every stored, unprocessed event now", hooks)
+
+    suppression = sub.add_parser(
+        "suppression", help="addresses no letter is sent to blindly"
+    ).add_subparsers(dest="suppression_command", required=True, metavar="COMMAND")
+    p = add("list", cmd_suppression_list, "print the suppression list as JSON", suppression)
+    p.add_argument("--all", action="store_true", help="include removed entries")
+    for name, fn, text in (
+        ("add", cmd_suppression_add, "put an address on the list by hand"),
+        ("remove", cmd_suppression_remove, "take an address off the list (audited)"),
+    ):
+        p = add(name, fn, text, suppression)
+        p.add_argument("address")
+        p.add_argument("--reason", required=True, help=REASON_HELP)
+        p.add_argument("--actor", help=ACTOR_HELP)
+    p = add(
+        "release",
+        cmd_release,
+        "send a letter held for a suppressed address after all (due now)",
+    )
+    p.add_argument("id")
+    p.add_argument("--reason", required=True, help=REASON_HELP)
+    p.add_argument("--actor", help=ACTOR_HELP)
     return parser
 
 

@@ -100,9 +100,18 @@ def _summary(d: DeliveryDetail) -> None:
             ("Credit held", d.credit_held),
             ("Created / updated", f"{ui.when(d.created_at)} / {ui.when(d.updated_at)}"),
             ("Row version", d.version),
+            ("Bounce", d.bounce_kind),
+            ("Provider reported at", ui.when(d.reported_at)),
+            ("Held at", ui.when(d.held_at)),
         ],
         columns=3,
     )
+    if d.status == "held":
+        st.warning(
+            "Held: the recipient address is on the suppression list. Release it (it is sent "
+            "now) or cancel it, with a reason.",
+            icon=":material/pause_circle:",
+        )
 
 
 def _timeline(d: DeliveryDetail) -> None:
@@ -131,6 +140,22 @@ def _timeline(d: DeliveryDetail) -> None:
             "started_at": ui.time_column("Started at"),
             "status_code": st.column_config.NumberColumn("Status", format="%d"),
             "duration_ms": st.column_config.NumberColumn("Duration", format="%d ms"),
+        },
+    )
+
+
+def _provider_events(d: DeliveryDetail) -> None:
+    """After sent: what the provider's webhooks reported (delivered, bounced, complained)."""
+    if d.provider_events.empty:
+        return
+    st.subheader("Provider events")
+    st.dataframe(
+        d.provider_events,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "occurred_at": ui.time_column("At the provider"),
+            "received_at": ui.time_column("Received"),
         },
     )
 
@@ -169,7 +194,10 @@ def render() -> None:
     _summary(detail)
     if detail.status == "failed":
         actions.buttons(operator, [detail.id], key="detail")
+    elif detail.status == "held":
+        actions.buttons(operator, [detail.id], key="detail", actions=actions.HELD_ACTIONS)
     _timeline(detail)
+    _provider_events(detail)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Audit trail")

@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime, time
 import plotly.express as px
 import streamlit as st
 
-from console import actions, auth, data, ui
+from console import actions, auth, bounced, data, ui
 from core.config import KNOWN_PROVIDERS
 from core.models import ErrorClass
 from core.operators import Role
@@ -226,6 +226,9 @@ def render() -> None:
         "filter: share it to show someone the same rows.",
     )
     ui.show_flash()
+    if st.toggle("Bounced after send", key="triage_bounced", help=bounced.HELP):
+        bounced.render(operator)
+        return
     asked = filters()
     scope = data.search_scope(asked)
     flt = scope.filter

@@ -211,6 +211,8 @@ class FakeProviderState:
         self.resend_api_key = resend_api_key
         self.postmark_token = postmark_token
         self.inactive_recipients: set[str] = set()
+        # tests/fakes/provider_webhooks.WebhookSender: the webhooks a stored message causes
+        self.webhooks: Any = None
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._default_latency = latency_ms
@@ -372,6 +374,8 @@ class FakeProviderState:
     def store(self, message: StoredMessage) -> None:
         with self._lock:
             self._messages.append(message)
+        if self.webhooks is not None:
+            self.webhooks.message_stored(message)
 
     def messages(self, provider: str | None = None) -> list[StoredMessage]:
         with self._lock:

@@ -231,3 +231,32 @@ def test_missing_schema_and_unreachable_database_are_one_line_errors(tmp_path: P
     down = fresh("health")
     assert down.returncode == 2 and down.stderr.startswith("capsule: error: database unavailable:")
     assert down.stderr.count("\n") == 1
+
+
+def test_suppression_list_and_release_commands(cli: Cli) -> None:
+    # Adding, listing, removing an address: each change audited, a bad one refused on one line
+    assert (
+        cli.ok("suppression", "add", "Gone@Old-ISP.example", "--reason", "owner asked") == "added\n"
+    )
+    listed = json.loads(cli.ok("suppression", "list"))
+    assert [(s["address"], s["reason"]) for s in listed] == [("gone@old-isp.example", "manual")]
+    before = cli.counts()
+    for args in (
+        ("suppression", "remove", "nobody@example.com", "--reason", "x"),
+        ("suppression", "remove", "not an address", "--reason", "x"),
+        ("suppression", "remove", "gone@old-isp.example", "--reason", " "),
+        ("release", str(uuid.uuid4()), "--reason", "x"),
+    ):
+        refused = cli(*args)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, args
+    assert cli.counts() == before
+
+    # A scheduled letter is not held: release refuses it
+    delivery_id = cli.schedule(to="gone@old-isp.example").stdout.strip()
+    refused = cli("release", delivery_id, "--reason", "x")
+    assert refused.returncode == 2 and "it is scheduled" in refused.stderr
+
+    cli.ok("suppression", "remove", "gone@old-isp.example", "--reason", "mailbox back")
+    assert json.loads(cli.ok("suppression", "list")) == []
+    history = json.loads(cli.ok("suppression", "list", "--all"))
+    assert history[0]["removed_reason"] == "mailbox back"

@@ -58,6 +58,11 @@ def test_tiles_count_each_state_from_its_index(app: App) -> None:
             add_delivery(s, u, status="sent", deliver_at=at, sent_at=at, now=at)
         add_failed(s, u, failed_at=NOW - timedelta(hours=2))
         add_delivery(s, u, status="canceled", deliver_at=NOW + timedelta(days=1), now=NOW)
+        # after sent, from the provider's webhooks: still sent letters for the tiles
+        for status, hours in (("delivered", 3), ("bounced", 4), ("bounced", 30)):
+            at = NOW - timedelta(hours=hours)
+            add_delivery(s, u, status=status, deliver_at=at, sent_at=at, now=at)
+        add_delivery(s, u, status="held", deliver_at=NOW - timedelta(minutes=3), now=NOW)
         s.commit()
 
     # When the overview reads its tiles
@@ -67,7 +72,7 @@ def test_tiles_count_each_state_from_its_index(app: App) -> None:
 
     # Then each tile counts exactly its rows
     assert tiles == queries.Tiles(
-        scheduled=5, due_next_hour=2, processing=2, sent_24h=2, failed_open=1, stuck=2
+        scheduled=5, due_next_hour=2, processing=2, sent_24h=4, failed_open=1, stuck=2
     )
     assert dict(zip(counts["status"], counts["count"], strict=True)) == {
         "scheduled": 5,
@@ -75,6 +80,10 @@ def test_tiles_count_each_state_from_its_index(app: App) -> None:
         "sent": 2,  # finished within the window: the one sent 25 h ago is left out
         "failed": 1,
         "canceled": 1,
+        "delivered": 1,
+        "bounced": 1,  # the one sent 30 h ago is left out
+        "complained": 0,
+        "held": 1,
     }
 
 
