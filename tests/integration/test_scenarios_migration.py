@@ -227,8 +227,12 @@ def test_letters_in_every_state_survive_the_upgrade_to_head_and_the_due_ones_are
     try:
         report = run_backstop(app, now=T)
         assert (report.found, report.recovered, report.errors) == (3, 1, 0)
-        for delivery_id, _eta, task_id in list(enqueuer.enqueued):
-            assert run_delivery(app, delivery_id, task_id, clock=lambda: T) == Status.SENT
+        # (the first run may take the others along in its batch; their own runs find nothing)
+        runs = [
+            run_delivery(app, delivery_id, task_id, clock=lambda: T)
+            for delivery_id, _eta, task_id in list(enqueuer.enqueued)
+        ]
+        assert Status.SENT in runs and set(runs) <= {Status.SENT, None}, runs
         assert run_delivery(app, ids["future"], "early", clock=lambda: T) is None
 
         # Then the three that were due are sent, each once, with the text sealed before
@@ -240,8 +244,9 @@ def test_letters_in_every_state_survive_the_upgrade_to_head_and_the_due_ones_are
     for kind in ("due", "retry", "stuck"):
         row = rows[ids[kind]]
         assert (row.status, row.sent_at, row.provider) == (Status.SENT, T, "resend"), kind
-        assert provider_server.count_for_key(row.idempotency_key) == 1, kind
-    assert provider_server.stats()["requests"] == {"resend": 3}
+        assert len(provider_server.messages_for_delivery(str(row.id))) == 1, kind
+    # one request per run that claimed something: one batch, or one per letter
+    assert 1 <= provider_server.stats()["requests"]["resend"] <= 3
     texts = sorted(m.text for m in provider_server.messages())
     assert texts == [f"Dear future me ({k})" for k in ("due", "retry", "stuck")]
 

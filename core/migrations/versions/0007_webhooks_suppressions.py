@@ -1,8 +1,8 @@
 """webhook_events and suppressions; delivery states after sent (delivered, bounced,
 complained) and held (due to a suppressed address)
 
-Revision ID: 0008
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 16:00:00
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 
 import core.models
 
-revision: str = "0008"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

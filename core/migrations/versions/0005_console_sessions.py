@@ -1,7 +1,7 @@
 """console_sessions: local operators' console sign-ins kept server-side (a new tab resumes
 one from its signed cookie; signing out revokes it)
 
-Revision ID: 0007
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-01 16:10:00
 """
@@ -13,7 +13,7 @@ from alembic import op
 
 import core.models
 
-revision: str = "0007"
+revision: str = "0005"
 # The coordinator re-chains migrations at merge; 0004 is main's head when this was written.
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None

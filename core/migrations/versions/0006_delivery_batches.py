@@ -5,8 +5,8 @@ transaction; deliveries and attempts name their batch. Adding nullable columns i
 change on PostgreSQL (no table rewrite); the new index on `deliveries.batch_id` is a plain
 CREATE INDEX (a write lock while it builds, about a second per million rows).
 
-Revision ID: 0005
-Revises: 0007
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-01 15:45:00
 """
 
@@ -17,8 +17,8 @@ from alembic import op
 
 import core.models
 
-revision: str = "0005"
-down_revision: str | None = "0007"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
