@@ -296,7 +296,7 @@ def _operator(args: argparse.Namespace) -> Operator:
     return Operator(cli._actor(args), Role.OPS, source="cli")
 
 
-def _print_plan(plan: Any, flt: FailedFilter, rate: float) -> None:
+def _print_plan(plan: Any, flt: FailedFilter, rate: float, notes: list[str]) -> None:
     print(f"filter: {flt.describe()}")
     print(f"matching now: {plan.count:,} failed deliveries")
     for title, counts in (
@@ -315,8 +315,8 @@ def _print_plan(plan: Any, flt: FailedFilter, rate: float) -> None:
     )
     if plan.first_ids:
         print("first: " + ", ".join(plan.first_ids))
-    for warning in getattr(plan, "warnings", None) or ():
-        print(f"warning: {warning}")
+    for note in notes:
+        print(note)
 
 
 def _duration(seconds: float) -> str:
@@ -345,10 +345,24 @@ def _confirmed_count(args: argparse.Namespace, count: int) -> int:
 
 
 def _dry_run(app: Any, flt: FailedFilter, *, now: datetime, rate: float) -> Any:
+    """The dry run, and the console's preview notes: the risky classes the filter names (with
+    the single-row dialog's warnings) or leaves out, and an active operation it overlaps."""
     from core import bulk
 
     with session_scope(app.session_factory) as session:
-        return bulk.dry_run(session, flt, now=now, rate_per_second=rate)
+        plan = bulk.dry_run(session, flt, now=now, rate_per_second=rate)
+        shown = bulk.preview(session, flt, now=now, sample=0)
+    notes = [f"warning: {w}" for w in getattr(shown, "warnings", None) or ()]
+    left_out = getattr(shown, "left_out", None) or {}
+    if left_out:
+        notes.append(
+            "left out of any class (name them with --error-class to include them): "
+            + ", ".join(f"{c} {n:,}" for c, n in sorted(left_out.items()))
+        )
+    active = getattr(shown, "active", None)
+    if active is not None:
+        notes.append(f"warning: {bulk.conflict_message(active)}")
+    return plan, notes
 
 
 def cmd_bulk_requeue(args: argparse.Namespace) -> int:
@@ -359,8 +373,8 @@ def cmd_bulk_requeue(args: argparse.Namespace) -> int:
     now = utcnow()
     flt = _filter(args, now).pinned(now)  # the set the dry run shows is the set confirmed
     app = cli._app()
-    plan = _dry_run(app, flt, now=now, rate=rate)
-    _print_plan(plan, flt, rate)
+    plan, notes = _dry_run(app, flt, now=now, rate=rate)
+    _print_plan(plan, flt, rate, notes)
     if args.dry_run:
         print("dry run: nothing was changed")
         return 0
@@ -400,9 +414,9 @@ def cmd_bulk_resume(args: argparse.Namespace) -> int:
         )
     flt = FailedFilter.from_dict(view.filter)
     shown_rate = view.rate_per_second if rate is None else rate
-    plan = _dry_run(app, flt, now=utcnow(), rate=shown_rate)
+    plan, notes = _dry_run(app, flt, now=utcnow(), rate=shown_rate)
     print(f"resuming bulk #{view.id} ({view.done_count:,} requeued before it stopped)")
-    _print_plan(plan, flt, shown_rate)
+    _print_plan(plan, flt, shown_rate, notes)
     if args.dry_run:
         print("dry run: nothing was changed")
         return 0
