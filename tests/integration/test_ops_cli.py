@@ -437,3 +437,51 @@ def test_the_cli_keeps_the_consoles_guard_rails(ops: Ops) -> None:
         )
     )
     assert ops.written() == before
+
+
+# ---------------------------------------------------------------- db, keys rotate (SQLite)
+
+
+def test_db_current_and_history_name_the_revision_and_the_newest(tmp_path: Path) -> None:
+    from core.migrate import upgrade
+    from tests.integration.test_cli import Cli
+
+    # Given a database two migrations behind
+    cli = Cli(tmp_path / "var")
+    cli.ok("keys", "generate", "--id", "k1")
+    (tmp_path / "var").mkdir(exist_ok=True)
+    engine = create_engine(f"sqlite:///{tmp_path / 'var' / 'capsule.db'}")
+    upgrade(engine, "0002")
+    engine.dispose()
+
+    # Then `db current` names it and the newest, and --check exits 1
+    behind = cli("db", "current", "--check")
+    assert behind.returncode == 1 and behind.stdout.startswith("0002 on sqlite; the newest is ")
+    assert "run `capsule db upgrade`" in behind.stdout
+    history = cli.ok("db", "history").splitlines()
+    assert history[-1].startswith("base -> 0001") and "(current)" in history[-2]
+    assert "(head" in history[0]
+
+    # And after the upgrade it is at head
+    cli.ok("db", "upgrade")
+    report = json.loads(cli.ok("db", "current", "--json"))
+    assert report["at_head"] is True and report["current"] == report["heads"][0]
+    assert cli("db", "current", "--check").returncode == 0
+
+
+def test_keys_rotate_reports_progress_on_stderr(tmp_path: Path) -> None:
+    from tests.integration.test_cli import Cli
+
+    cli = Cli(tmp_path / "var")
+    cli.ok("keys", "generate", "--id", "k1")
+    cli.ok("db", "upgrade")
+    cli.ok("user", "add", "ada@example.com", "--credits", "5")
+    for _ in range(3):
+        assert cli.schedule().returncode == 0
+    cli.ok("keys", "generate", "--id", "k2")
+
+    done = cli("keys", "rotate", "--batch-size", "1")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "keys rotate: 3/3 (100%): rotated 3, skipped 0"
+    assert done.stdout.startswith("re-encrypted 3 letters under key k2")
