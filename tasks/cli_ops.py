@@ -209,7 +209,8 @@ def cmd_failed_list(args: argparse.Namespace) -> int:
         _silence_stdout()
         return 0
     if args.format == "table":
-        print(f"{count:,} failed deliveries ({flt.pinned(now).describe()})", file=sys.stderr)
+        first = "the first " if args.limit and count >= args.limit else ""
+        print(f"{first}{count:,} failed deliveries ({flt.pinned(now).describe()})", file=sys.stderr)
     return 0
 
 
