@@ -8,7 +8,7 @@ CONSUMER_FLAGS ?= -w 4 -k thread
 PORT ?= 8501
 CHAOS_FLAGS ?=
 
-.PHONY: run test setup lint typecheck unit mutate bench chaos clean
+.PHONY: run test setup lint typecheck unit mutate bench bench-render chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: setup
 	$(BIN)/python -m benchmarks.recovery
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.memory
+
+## make bench-render: every console page in a real Chromium at 1,000,000 deliveries on
+## PostgreSQL, time to first full render (a few minutes; docs/benchmarks.md, Console render)
+bench-render: setup
+	$(BIN)/python -m benchmarks.console_render
 
 ## make chaos: the chaos soak (SIGKILLs, a broker wipe, a PostgreSQL restart, provider faults);
 ## exits non-zero if a letter is lost or sent twice. CHAOS_FLAGS=--no-pg-restart spares the server.

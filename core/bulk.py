@@ -628,3 +628,64 @@ def _requeue_one(
     except InsufficientCredit:
         return "no_credit"
     return "done"
+
+
+# ---------------------------------------------------------------- resuming
+
+RESUMABLE_STATES = ("aborted", "error")
+RESUMED_EVENT = "bulk.resumed"
+
+
+def resume(
+    app: App,
+    operator: Operator,
+    operation_id: int,
+    *,
+    reason: str,
+    confirm_count: int,
+    rate_per_second: float | None,
+    now: datetime,
+    enqueue: Enqueue,
+) -> Launched:
+    """Requeue what an aborted (or failed) operation left: a new operation on its pinned filter.
+
+    The rows it requeued are not failed any more and rows that failed after its launch were
+    never in its filter, so the same filter now matches exactly the rows left. The new
+    operation goes through `launch` (the same count confirmation, guard rails and audit);
+    a `bulk.resumed` event links it to the one it continues. `rate_per_second` None keeps the
+    old rate.
+    """
+    require(operator, Role.OPS, "run bulk operations")
+    with session_scope(app.session_factory) as session:
+        op = session.get(BulkOperation, operation_id, populate_existing=True)
+        if op is None:
+            raise NotFound("bulk operation", operation_id)
+        if op.state not in RESUMABLE_STATES:
+            raise ValidationError(
+                "state",
+                f"bulk operation {operation_id} is {op.state}: only an aborted or failed "
+                "operation can be resumed",
+            )
+        flt = FailedFilter.from_dict(dict(op.filter))
+        rate = op.rate_per_second if rate_per_second is None else rate_per_second
+    launched = launch(
+        app,
+        operator,
+        flt,
+        reason=reason,
+        confirm_count=confirm_count,
+        rate_per_second=rate,
+        now=now,
+        enqueue=enqueue,
+    )
+    with session_scope(app.session_factory) as session:
+        audit.record(
+            session,
+            RESUMED_EVENT,
+            actor=operator.identity,
+            now=now,
+            reason=required_reason(reason),
+            data={"operation_id": launched.operation_id, "resumes": operation_id},
+        )
+        session.commit()
+    return launched

@@ -12,13 +12,13 @@ import base64
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.db import SessionFactory
 from core.errors import ConfigError, CryptoError, DecryptionFailed, UnknownKeyId
@@ -155,14 +155,30 @@ class Rotation:
     skipped: list[Skipped] = field(default_factory=list)
 
 
+def letters_to_rotate(session_factory: SessionFactory, keyring: Keyring) -> int:
+    """How many letters are not under the active key (what `rotate_letters` will walk)."""
+    with session_factory() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(Letter).where(Letter.key_id != keyring.active_id)
+            )
+            or 0
+        )
+
+
 def rotate_letters(
-    session_factory: SessionFactory, keyring: Keyring, *, batch_size: int = 500
+    session_factory: SessionFactory,
+    keyring: Keyring,
+    *,
+    batch_size: int = 500,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Rotation:
     """Re-seal every letter not under the active key; commits per batch, so it can resume.
 
     A letter that cannot be opened (its key is not in the keyring, or its ciphertext fails
     authentication) is left untouched and reported; the rest are rotated all the same. The
     walk goes by letter id, so a skipped letter is met once per call, never again and again.
+    `progress(rotated, skipped)` is called after each committed batch.
     """
     rotated = 0
     skipped: list[Skipped] = []
@@ -193,3 +209,5 @@ def rotate_letters(
                 rotated += 1
             after = letters[-1].id
             session.commit()
+        if progress is not None:
+            progress(rotated, len(skipped))

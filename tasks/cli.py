@@ -148,12 +148,19 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from core.crypto import rotate_letters
+    from core.crypto import letters_to_rotate, rotate_letters
+    from tasks.cli_ops import Progress
 
     app = _app()
     if args.batch_size < 1:
         raise CapsuleError("--batch-size must be at least 1")
-    result = rotate_letters(app.session_factory, app.keyring, batch_size=args.batch_size)
+    # Progress on stderr (a bar on a terminal, a line a second otherwise): stdout stays the report.
+    total = letters_to_rotate(app.session_factory, app.keyring)
+    progress = Progress("keys rotate", total, words=("rotated", "skipped"))
+    result = rotate_letters(
+        app.session_factory, app.keyring, batch_size=args.batch_size, progress=progress.update
+    )
+    progress.update(result.rotated, len(result.skipped), final=True)
     skipped = result.skipped
     if args.json:
         print(
@@ -599,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", required=True, metavar="COMMAND"
     )
     add("upgrade", cmd_db_upgrade, "apply the migrations up to the newest", db)
+    from tasks.cli_ops import add_db_commands, add_ops_commands
+
+    add_db_commands(db, add)
 
     keys = sub.add_parser("keys", help="letter encryption keys").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
@@ -743,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--reason", required=True, help=REASON_HELP)
     p.add_argument("--actor", help=ACTOR_HELP)
+
+    add_ops_commands(sub, add)
     return parser
 
 
