@@ -67,7 +67,16 @@ SOAK_SETTINGS = {
     "CAPSULE_BACKOFF_MAX_SECONDS": "60",
     "CAPSULE_DISPATCH_HORIZON_SECONDS": "120",
 }
-FAULTS = {"p_5xx": 0.10, "p_stall": 0.05, "p_429": 0.02, "stall_seconds": 5.0}
+# Per provider request: refused before storing (503, 429), or stored and then a stall past the
+# read timeout, a 503 or a dropped connection (the outcome is unknown to the sender).
+FAULTS = {
+    "p_5xx": 0.10,
+    "p_stall": 0.05,
+    "p_429": 0.02,
+    "p_stored_5xx": 0.03,
+    "p_drop": 0.03,
+    "stall_seconds": 5.0,
+}
 
 
 def _retrying(fn: Any, what: str, attempts: int = 60) -> Any:
@@ -137,8 +146,10 @@ def soak(args: Any) -> dict[str, Any]:
         events.append({"at": utcnow().isoformat(), "kind": kind, **data})
         log(f"{kind} {data if data else ''}")
 
-    with provider_server() as server:
-        env = provider_env(server.url, **SOAK_SETTINGS)
+    with provider_server(quota=args.quota) as server:
+        env = provider_env(
+            server.url, **SOAK_SETTINGS, CAPSULE_PROVIDER_RATE_PER_SECOND=str(args.rate)
+        )
         with Bench("chaos", settings=env, provider=server, keep_database=args.keep) as bench:
             bench.make_user()
             bench.enqueuer.set_marker()
@@ -438,6 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="restart the PostgreSQL server (shared!); --no-pg-restart ends only our "
         "database's connections with pg_terminate_backend",
+    )
+    parser.add_argument(
+        "--quota",
+        type=float,
+        default=5.0,
+        help="requests/s each fake provider accepts before answering 429 (0: no quota)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=4.75, help="CAPSULE_PROVIDER_RATE_PER_SECOND of the consumers"
     )
     parser.add_argument("--drain-timeout", type=float, default=900)
     parser.add_argument("--seed", type=int, default=None, help="chaos and fault seed")

@@ -40,7 +40,8 @@ the first message) and lookups (Postmark searches by that metadata) are counted 
 of "sent once" count these requests, not stored messages.
 
 Faults apply to the send endpoints only. A queued fault is used by the next send; when the
-queue is empty, the random rates (p_5xx, p_429, p_stall; seeded) decide. Fault specs:
+queue is empty, the random rates (p_5xx, p_429, p_stall, p_stored_5xx, p_drop; seeded)
+decide. Fault specs:
 
     "503" / "500" / "422" / "401" ...   answer that status (nothing stored)
     "429" or "429:5"                    429 with Retry-After (default 1 s)
@@ -153,6 +154,8 @@ class _Faults:
     p_5xx: float = 0.0
     p_429: float = 0.0
     p_stall: float = 0.0
+    p_stored_5xx: float = 0.0  # store, then answer 503
+    p_drop: float = 0.0  # store, then close without answering
     rng: random.Random = field(default_factory=random.Random)
     latency_ms: float = 0.0
     stall_seconds: float = 5.0
@@ -160,15 +163,20 @@ class _Faults:
     def next(self) -> Fault | None:
         if self.queue:
             return self.queue.popleft()
-        if not (self.p_5xx or self.p_429 or self.p_stall):
+        rates = (
+            (self.p_5xx, Fault("status", status=503)),
+            (self.p_429, Fault("status", status=429, retry_after=1.0)),
+            (self.p_stall, Fault("stall")),
+            (self.p_stored_5xx, Fault("stored_status", status=503)),
+            (self.p_drop, Fault("drop")),
+        )
+        if not any(rate for rate, _ in rates):
             return None
-        draw = self.rng.random()
-        if draw < self.p_5xx:
-            return Fault("status", status=503)
-        if draw < self.p_5xx + self.p_429:
-            return Fault("status", status=429, retry_after=1.0)
-        if draw < self.p_5xx + self.p_429 + self.p_stall:
-            return Fault("stall")
+        draw, edge = self.rng.random(), 0.0
+        for rate, fault in rates:
+            edge += rate
+            if draw < edge:
+                return fault
         return None
 
 
@@ -287,6 +295,8 @@ class FakeProviderState:
         p_5xx: float = 0.0,
         p_429: float = 0.0,
         p_stall: float = 0.0,
+        p_stored_5xx: float = 0.0,
+        p_drop: float = 0.0,
         seed: int | None = None,
         latency_ms: float | None = None,
         stall_seconds: float | None = None,
@@ -299,6 +309,7 @@ class FakeProviderState:
                 if not append:
                     current.queue.clear()
                     current.p_5xx, current.p_429, current.p_stall = p_5xx, p_429, p_stall
+                    current.p_stored_5xx, current.p_drop = p_stored_5xx, p_drop
                     current.rng = random.Random(None if seed is None else f"{seed}-{name}")
                 current.queue.extend(faults)
                 if latency_ms is not None:

@@ -150,6 +150,24 @@ def test_a_stored_then_5xx_fault_keeps_the_message(
     assert server.stats()["responses"][provider]["stored_503"] == 1
 
 
+def test_random_stored_then_5xx_and_dropped_faults_keep_the_message(
+    server: FakeProviderServer, client: httpx.Client
+) -> None:
+    # The soak's random faults that leave the sender not knowing: stored, then a 503 or a
+    # closed connection
+    server.set_faults("postmark", p_stored_5xx=0.5, p_drop=0.5, seed=7)
+    answers = []
+    for _ in range(6):
+        try:
+            answers.append(postmark(client, server, {"idempotency_key": uuid.uuid4().hex}))
+        except httpx.TransportError:
+            answers.append(None)
+
+    assert len(server.messages("postmark")) == 6
+    assert {a.status_code for a in answers if a is not None} == {503}
+    assert None in answers
+
+
 # ---------------------------------------------------------------- Postmark search and metadata
 
 
