@@ -136,7 +136,10 @@ class World:
         return int(counts.get(provider, 0) if provider else sum(counts.values()))
 
     def sent_once(self, delivery_id: uuid.UUID) -> bool:
-        return self.server.count_for_key(self.row(delivery_id).idempotency_key) == 1
+        """Stored once at the provider, alone or in a batch (under the batch's key), and never
+        a second send request under the letter's own key."""
+        alone = self.server.count_for_key(self.row(delivery_id).idempotency_key)
+        return len(self.server.messages_for_delivery(str(delivery_id))) == 1 and alone <= 1
 
 
 def _app(system: System, keyring: Keyring) -> App:
