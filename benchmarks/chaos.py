@@ -68,10 +68,8 @@ SOAK_SETTINGS = {
     "CAPSULE_DISPATCH_HORIZON_SECONDS": "120",
 }
 # Per provider request: refused before storing (503, 429), or stored and then a stall past the
-# read timeout or a dropped connection (the outcome is unknown to the sender). Not "stored, then
-# 503" (`--stored-5xx`): a 5xx counts as a definite refusal and fails over (DESIGN.md invariant
-# 7), so a provider that stores and then answers 5xx gets the letter sent twice; the soak found
-# 3 such duplicates in 5,000 at a 3 % rate (docs/benchmarks.md, "Chaos soak").
+# read timeout, a dropped connection or a 503 (`--stored-5xx`). The sender cannot tell a 503
+# before storing from one after, so every 5xx pins the letter to its provider (docs/providers.md).
 FAULTS = {
     "p_5xx": 0.10,
     "p_stall": 0.05,
@@ -461,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stored-5xx",
         type=float,
-        default=0.0,
-        help="share of requests stored and then answered 503 (a failover after it duplicates)",
+        default=0.03,
+        help="share of requests stored and then answered 503 (a failover after it would duplicate)",
     )
     parser.add_argument(
         "--rate", type=float, default=4.75, help="CAPSULE_PROVIDER_RATE_PER_SECOND of the consumers"

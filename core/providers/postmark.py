@@ -159,13 +159,11 @@ def _translate(exc: Exception) -> ProviderError:
 
 
 def _translate_batch(exc: Exception) -> ProviderError:
-    """A batch call's failure: a 5xx may follow stored messages (ambiguous: look each up);
-    a whole-call 4xx refused them all and blames no single letter (transient)."""
+    """A batch call's failure: a 5xx may follow stored messages (ambiguous, as for one message:
+    look each up); a whole-call 4xx refused them all and blames no single letter (transient)."""
     error = _translate(exc)
     fields: dict[str, Any] = {"status_code": error.status_code, "error_code": error.error_code}
     detail = str(error).removeprefix(f"{NAME}: ")
-    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500:
-        return AmbiguousProviderError(NAME, detail, **fields)
     if isinstance(error, PermanentProviderError):
         return TransientProviderError(NAME, detail, **fields)
     return error
@@ -196,13 +194,15 @@ def _from_response(response: httpx.Response) -> ProviderError:
         )
     if status in (401, 403, 408) or code in ACCOUNT_ERROR_CODES:
         return TransientProviderError(NAME, message, **fields)
-    if status == 504:
-        # A gateway gave up waiting on Postmark, which may still have accepted the message.
-        return AmbiguousProviderError(NAME, message, **fields)
-    if status >= 500 or 300 <= status < 400:
-        return TransientProviderError(
+    if status >= 500:
+        # A 5xx answers a request Postmark received whole: it may have stored the message before
+        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
+        # fail over: the letter stays with Postmark (DESIGN.md invariant 7).
+        return AmbiguousProviderError(
             NAME, message, retry_after=http.retry_after(response), **fields
         )
+    if 300 <= status < 400:
+        return TransientProviderError(NAME, message, **fields)
     if 400 <= status < 500:
         return PermanentProviderError(NAME, message, **fields)
     return AmbiguousProviderError(NAME, message, **fields)

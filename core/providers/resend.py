@@ -140,16 +140,9 @@ def _translate(exc: Exception) -> ProviderError:
 
 
 def _translate_batch(exc: Exception) -> ProviderError:
-    """A batch call's failure: as for one message, except that a 5xx may hide a stored batch."""
+    """A batch call's failure: as for one message (a 5xx may hide a stored batch: replay it),
+    except that a refusal of the whole call blames no single letter."""
     error = _translate(exc)
-    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500:
-        return AmbiguousProviderError(
-            NAME,
-            str(error).removeprefix(f"{NAME}: "),
-            status_code=error.status_code,
-            error_code=error.error_code,
-            retry_after=error.retry_after,
-        )
     if isinstance(error, PermanentProviderError) and not isinstance(error, PossiblySentError):
         # The call as a whole was refused (a malformed batch): nothing was stored, and no
         # single letter is to blame; each is retried, and fails only after its attempts.
@@ -206,13 +199,15 @@ def _from_response(response: httpx.Response) -> ProviderError:
     if status in (401, 403, 408):
         # A bad or revoked key is the operator's problem, not the letter's: fail over.
         return TransientProviderError(NAME, message, **fields)
-    if status == 504:
-        # A gateway gave up waiting on Resend, which may still have accepted the message.
-        return AmbiguousProviderError(NAME, message, **fields)
-    if status >= 500 or 300 <= status < 400:
-        return TransientProviderError(
+    if status >= 500:
+        # A 5xx answers a request Resend received whole: it may have stored the message before
+        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
+        # fail over: the letter stays with Resend (DESIGN.md invariant 7).
+        return AmbiguousProviderError(
             NAME, message, retry_after=http.retry_after(response), **fields
         )
+    if 300 <= status < 400:
+        return TransientProviderError(NAME, message, **fields)
     if 400 <= status < 500:
         return PermanentProviderError(NAME, message, **fields)
     return AmbiguousProviderError(NAME, message, **fields)

@@ -140,7 +140,9 @@ def test_resend_concurrent_requests_with_one_key_send_once(provider_client: http
 @pytest.mark.parametrize(
     ("fault", "expected", "retry_after"),
     [
-        ("503", TransientProviderError, None),
+        ("503", AmbiguousProviderError, None),  # it may have stored the message first
+        ("stored:503", AmbiguousProviderError, None),
+        ("401", TransientProviderError, None),
         ("429:3", TransientProviderError, 3.0),
         ("422", PermanentProviderError, None),
         ("drop", AmbiguousProviderError, None),
@@ -218,10 +220,10 @@ def test_postmark_inactive_recipient_is_permanent(
 # ---------------------------------------------------------------- the chain over HTTP
 
 
-def test_chain_fails_over_from_a_failing_resend_to_postmark(
+def test_chain_fails_over_from_a_refusing_resend_to_postmark(
     provider_server: FakeProviderServer, tmp_path: Path, circuit_sessions: SessionFactory
 ) -> None:
-    provider_server.set_faults("resend", ["503"])
+    provider_server.set_faults("resend", ["401"])
     chain = build_chain(fake_provider_settings(provider_server, tmp_path), circuit_sessions)
 
     result = chain.send(make_email(), pinned=None, now=T0)
@@ -229,11 +231,36 @@ def test_chain_fails_over_from_a_failing_resend_to_postmark(
 
     assert result.sent and result.provider == "postmark"
     assert [(c.provider, c.outcome, c.status_code) for c in result.calls] == [
-        ("resend", "transient", 503),
+        ("resend", "transient", 401),
         ("postmark", "accepted", 200),
     ]
     assert len(provider_server.messages("resend")) == 0
     assert len(provider_server.messages("postmark")) == 1
+
+
+@pytest.mark.parametrize("fault", ["503", "stored:503"])
+def test_chain_never_fails_over_after_a_5xx_and_the_pinned_retry_sends_once(
+    provider_server: FakeProviderServer,
+    tmp_path: Path,
+    circuit_sessions: SessionFactory,
+    fault: str,
+) -> None:
+    # Given Resend answers 503, having stored the message or not (the client cannot tell)
+    provider_server.set_faults("resend", [fault])
+    chain = build_chain(fake_provider_settings(provider_server, tmp_path), circuit_sessions)
+    mail = make_email()
+
+    first = chain.send(mail, pinned=None, now=T0)
+    # When the pinned retry repeats the call under the same key
+    second = chain.send(mail, pinned=first.pinned_provider, now=T0)
+    chain.close()
+
+    # Then nothing reached Postmark and exactly one message exists, whichever 503 it was
+    assert first.error_class == "ambiguous" and first.pinned_provider == "resend"
+    assert second.sent and second.provider == "resend"
+    assert provider_server.requests_for_key(mail.idempotency_key, "postmark") == 0
+    assert provider_server.count_for_key(mail.idempotency_key) == 1
+    assert len(provider_server.messages("resend")) == 1
 
 
 def test_chain_does_not_fail_over_on_a_stall_and_the_pinned_retry_sends_once(
@@ -283,7 +310,7 @@ def test_admin_api_drives_faults_and_reports_messages(provider_server: FakeProvi
     admin.set_faults("resend", ["503"])
     mail = make_email()
     with httpx.Client(timeout=2) as client:
-        with pytest.raises(TransientProviderError):
+        with pytest.raises(AmbiguousProviderError):
             resend_for(provider_server, client).send(mail)
         resend_for(provider_server, client).send(mail)
 
@@ -318,7 +345,7 @@ def test_standalone_server_prints_its_url_and_serves(tmp_path: Path) -> None:
         assert process.stdout is not None
         url = process.stdout.readline().strip()
         with httpx.Client(timeout=2) as client:
-            with pytest.raises(TransientProviderError):  # p_5xx = 1: every send is a 503
+            with pytest.raises(AmbiguousProviderError):  # p_5xx = 1: every send is a 503
                 ResendProvider(client, api_key="re_test_key", base_url=url).send(make_email())
             AdminClient(url).set_faults("all")
             accepted = ResendProvider(client, api_key="re_test_key", base_url=url).send(

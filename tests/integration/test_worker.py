@@ -145,11 +145,13 @@ def test_racing_threads_send_exactly_one_message(
     assert len(provider_server.messages()) == 1
 
 
+@pytest.mark.parametrize("fault", ["stall:1.0", "stored:503"])
 def test_accepted_then_timed_out_retries_the_same_provider_with_the_same_key(
-    world: App, provider_server: FakeProviderServer
+    world: App, provider_server: FakeProviderServer, fault: str
 ) -> None:
-    # Given Resend accepts the message but answers after the client's read timeout
-    provider_server.set_faults("resend", ["stall:1.0"])
+    # Given Resend accepts the message but answers after the client's read timeout, or
+    # stores it and then answers 503
+    provider_server.set_faults("resend", [fault])
     delivery_id = due_now(world)
 
     # When the delivery runs, the outcome is ambiguous: retry later, pinned to Resend
@@ -173,8 +175,8 @@ def test_accepted_then_timed_out_retries_the_same_provider_with_the_same_key(
     assert [a.outcome for a in attempts(world, delivery_id)] == ["ambiguous", "accepted"]
 
 
-@pytest.mark.parametrize("fault", ["503", "refused"])
-def test_resend_refusing_or_503_fails_over_to_postmark(
+@pytest.mark.parametrize("fault", ["401", "refused"])
+def test_resend_refusing_or_401_fails_over_to_postmark(
     world: App,
     provider_server: FakeProviderServer,
     fault: str,
@@ -194,7 +196,7 @@ def test_resend_refusing_or_503_fails_over_to_postmark(
         )
         app = build_app(settings, RecordingEnqueuer(), engine=world.engine, keyring=keyring)
     else:
-        provider_server.set_faults("resend", ["503"])
+        provider_server.set_faults("resend", ["401"])
     delivery_id = due_now(app)
 
     assert run_delivery(app, delivery_id, "t1") == Status.SENT
@@ -212,8 +214,8 @@ def test_resend_refusing_or_503_fails_over_to_postmark(
     assert provider_server.requests_for_key(stored.idempotency_key, "resend") == (
         0 if fault == "refused" else 1
     )
-    if fault == "503":
-        assert attempts(app, delivery_id)[0].status_code == 503
+    if fault == "401":
+        assert attempts(app, delivery_id)[0].status_code == 401
 
 
 def test_resend_422_fails_at_once_and_tells_the_owner_exactly_once(
@@ -263,7 +265,8 @@ def test_resend_422_fails_at_once_and_tells_the_owner_exactly_once(
 def test_transient_everywhere_backs_off_then_fails_and_keeps_the_credit_for_the_retrier(
     world: App, provider_server: FakeProviderServer
 ) -> None:
-    provider_server.set_faults("all", p_5xx=1.0)
+    # 429s: a definite "not now" from both (a 5xx would pin the letter to the first)
+    provider_server.set_faults("all", p_429=1.0)
     delivery_id = due_now(world)
     now = utcnow()
     statuses = []
@@ -290,11 +293,13 @@ def test_an_outage_that_opens_every_circuit_delays_a_letter_but_never_fails_it(
     engine = make_engine(settings)
     app = build_app(settings, enqueuer, engine=engine, keyring=keyring)
     try:
-        # Given both providers down: the first run calls both and opens both circuits
+        # Given both providers down: the first run's 503 may hide a stored message, so the
+        # letter is pinned to Resend (never failed over) and Resend's circuit opens
         provider_server.set_faults("all", p_5xx=1.0)
         delivery_id = due_now(app)
         now = utcnow()
         assert run_delivery(app, delivery_id, "t0", clock=lambda: now) == Status.SCHEDULED
+        assert row(app, delivery_id).pinned_provider == "resend"
         calls = len(attempts(app, delivery_id))
         opened_until = now + timedelta(seconds=settings.circuit_reset_seconds)
 
@@ -306,7 +311,7 @@ def test_an_outage_that_opens_every_circuit_delays_a_letter_but_never_fails_it(
         # Then that run reached no provider, did not count, and waits for the circuits
         stored = row(app, delivery_id)
         assert stored.round_attempts == 1 and stored.next_attempt_at >= opened_until
-        assert [a.outcome for a in attempts(app, delivery_id)[calls:]] == ["skipped", "skipped"]
+        assert [a.outcome for a in attempts(app, delivery_id)[calls:]] == ["skipped"]
         assert events(app, delivery_id)[-1] == "delivery.deferred"
 
         # And once the providers are back, the half-open trial sends it
@@ -315,9 +320,10 @@ def test_an_outage_that_opens_every_circuit_delays_a_letter_but_never_fails_it(
         assert run_delivery(app, delivery_id, "t2", clock=lambda: now) == Status.SENT
         key = key_of(app, delivery_id)
         assert provider_server.count_for_key(key) == 1
-        # one 503 from each in the first run, nothing while the circuits were open, one trial
+        # one 503 in the first run, nothing while the circuit was open, one trial with the
+        # same key; Postmark never
         assert provider_server.requests_for_key(key, "resend") == 2
-        assert provider_server.requests_for_key(key, "postmark") == 1
+        assert provider_server.requests_for_key(key, "postmark") == 0
     finally:
         app.chain.close()
         engine.dispose()

@@ -142,10 +142,13 @@ def test_first_provider_accepting_is_a_sent_outcome_with_one_call() -> None:
 @pytest.mark.parametrize(
     "resend_handler",
     [
-        lambda request: httpx.Response(503, json={"name": "application_error", "message": "down"}),
+        lambda request: httpx.Response(
+            429, json={"name": "rate_limit_exceeded", "message": "slow down"}
+        ),
+        lambda request: httpx.Response(403, json={"name": "invalid_api_key", "message": "no"}),
         lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)),
     ],
-    ids=["503", "connection refused"],
+    ids=["429", "403", "connection refused"],
 )
 def test_fails_over_to_postmark_when_resend_definitely_did_not_accept(
     resend_handler: Handler,
@@ -159,6 +162,21 @@ def test_fails_over_to_postmark_when_resend_definitely_did_not_accept(
     assert outcomes(result) == [("resend", "transient"), ("postmark", "accepted")]
     assert len(seen) == 1
     assert all(mail.text not in (call.message or "") for call in result.calls)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_5xx_pins_the_letter_to_the_provider_that_answered_it(status: int) -> None:
+    """A provider may store a message and then answer 5xx: failing over would send it twice."""
+    seen: list[httpx.Request] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"name": "application_error", "message": "down"})
+
+    result = send(ProviderChain([real_resend(down), real_postmark(seen)]))
+
+    assert not result.sent and seen == []
+    assert result.error_class == "ambiguous" and result.pinned_provider == "resend"
+    assert outcomes(result) == [("resend", "ambiguous")]
 
 
 def test_no_failover_on_an_ambiguous_outcome_and_the_provider_is_pinned() -> None:

@@ -134,9 +134,10 @@ RESEND_ROWS = [
     (429, "rate_limit_exceeded", {"retry-after": "7"}, TransientProviderError, 7.0),
     (429, "daily_quota_exceeded", {}, TransientProviderError, None),
     (429, "monthly_quota_exceeded", {"retry-after": "3600"}, TransientProviderError, 3600.0),
-    (500, "internal_server_error", {}, TransientProviderError, None),
-    (502, "application_error", {}, TransientProviderError, None),
-    (503, "application_error", {"retry-after": "2"}, TransientProviderError, 2.0),
+    # A 5xx may follow a stored message: unknown, never failed over (DESIGN.md invariant 7).
+    (500, "internal_server_error", {}, AmbiguousProviderError, None),
+    (502, "application_error", {}, AmbiguousProviderError, None),
+    (503, "application_error", {"retry-after": "2"}, AmbiguousProviderError, 2.0),
     (504, "gateway_timeout", {}, AmbiguousProviderError, None),
     (400, "validation_error", {}, PermanentProviderError, None),
     (401, "missing_api_key", {}, TransientProviderError, None),
@@ -257,8 +258,8 @@ POSTMARK_ROWS = [
     (422, 405, {}, TransientProviderError, None),  # not allowed to send (credits)
     (422, 412, {}, TransientProviderError, None),  # account pending approval
     (429, 429, {"retry-after": "4"}, TransientProviderError, 4.0),
-    (500, 0, {}, TransientProviderError, None),
-    (503, 0, {"retry-after": "9"}, TransientProviderError, 9.0),
+    (500, 0, {}, AmbiguousProviderError, None),
+    (503, 0, {"retry-after": "9"}, AmbiguousProviderError, 9.0),
     (504, 0, {}, AmbiguousProviderError, None),
     (408, 0, {}, TransientProviderError, None),
     (302, 0, {}, TransientProviderError, None),
@@ -326,7 +327,7 @@ def test_postmark_find_sent_is_none_when_nothing_matches() -> None:
 @pytest.mark.parametrize(
     ("handler", "expected"),
     [
-        (answer(503, {"ErrorCode": 0, "Message": "down"}), TransientProviderError),
+        (answer(503, {"ErrorCode": 0, "Message": "down"}), AmbiguousProviderError),
         (raising(httpx.ConnectError), TransientProviderError),
         (raising(httpx.ReadTimeout), AmbiguousProviderError),
     ],
