@@ -44,10 +44,10 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.common import Bench, base_parser, load, log, machine, table, write_results
-from core import queries
 from core.bootstrap import App
 from core.db import session_scope
 from core.policy import utcnow
+from core.queries import overview
 from core.reconcile import _recover_leases, _take_unclaimed, run_dispatcher, run_failed_retrier
 
 TARGET_RECONCILER = 3.0
@@ -414,26 +414,26 @@ def console(bench: Bench, now: datetime, repeat: int) -> list[Measured]:
     app = bench.app
     grace = app.settings.grace_seconds
     calls: dict[str, Callable[[Session], object]] = {
-        "tiles": lambda s: queries.tiles(s, now=now, grace_seconds=grace),
+        "tiles": lambda s: overview.tiles(s, now=now, grace_seconds=grace),
         "status_counts 24 h": lambda s: _call(
-            queries.status_counts, s, now=now, window=timedelta(hours=24)
+            overview.status_counts, s, now=now, window=timedelta(hours=24)
         ),
-        "sent_series 24 h / hour": lambda s: queries.sent_series(
+        "sent_series 24 h / hour": lambda s: overview.sent_series(
             s, now=now, window=timedelta(hours=24), bucket="hour"
         ),
-        "sent_series 7 days / hour": lambda s: queries.sent_series(
+        "sent_series 7 days / hour": lambda s: overview.sent_series(
             s, now=now, window=timedelta(days=7), bucket="hour"
         ),
-        "sent_series 30 days / day": lambda s: queries.sent_series(
+        "sent_series 30 days / day": lambda s: overview.sent_series(
             s, now=now, window=timedelta(days=30), bucket="day"
         ),
-        "sent_series 30 days / day, nothing rolled up": lambda s: queries.sent_stats(
+        "sent_series 30 days / day, nothing rolled up": lambda s: overview.sent_stats(
             s, since=now - timedelta(days=30), until=None, bucket="day"
         ),
-        "reconciliation_series 24 h": lambda s: queries.reconciliation_series(
+        "reconciliation_series 24 h": lambda s: overview.reconciliation_series(
             s, now=now, window=timedelta(hours=24), bucket="hour"
         ),
-        "stuck_items": lambda s: queries.stuck_items(s, now=now, grace_seconds=grace),
+        "stuck_items": lambda s: overview.stuck_items(s, now=now, grace_seconds=grace),
     }
     out = []
     for name, call in calls.items():

@@ -20,20 +20,24 @@ from typing import IO, Any, BinaryIO, cast
 import pandas as pd
 import streamlit as st
 
-from core import bulk, queries
+from core import bulk, failed_filter
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import SessionFactory, session_scope
 from core.dispatch import Enqueuer
+from core.failed_filter import FailedFilter
 from core.policy import utcnow
-from core.queries import AuditCursor, AuditFilter, FailedFilter
+from core.queries import audit, delivery, failed, overview
+from core.queries import bulk as bulk_queries
+from core.queries import health as health_queries
+from core.queries.audit import AuditCursor, AuditFilter
 
 log = logging.getLogger(__name__)
 
 FAST = 5  # seconds: what an operator just acted on
 NORMAL = 30  # seconds: lists and tiles
 SLOW = 300  # seconds: menus
-SEARCH_LIMIT = queries.SEARCH_SCAN_LIMIT  # failed rows a triage search reads at most
+SEARCH_LIMIT = failed_filter.SEARCH_SCAN_LIMIT  # failed rows a triage search reads at most
 EXPORT_CHUNK = 1000  # rows read per query while exporting
 EXPORT_SPOOL_BYTES = 8 * 1024 * 1024  # an export larger than this is written to disk
 
@@ -113,38 +117,38 @@ def refresh() -> None:
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
-def tiles() -> queries.Tiles:
+def tiles() -> overview.Tiles:
     app = get_app()
     with session_scope(app.session_factory) as s:
-        return queries.tiles(s, now=utcnow(), grace_seconds=app.settings.grace_seconds)
+        return overview.tiles(s, now=utcnow(), grace_seconds=app.settings.grace_seconds)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def status_counts(window: str) -> pd.DataFrame:
     span, _ = WINDOWS[window]
     with session_scope(get_app().session_factory) as s:
-        return queries.status_counts(s, now=utcnow(), window=span)
+        return overview.status_counts(s, now=utcnow(), window=span)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def sent_series(window: str) -> pd.DataFrame:
     span, bucket = WINDOWS[window]
     with session_scope(get_app().session_factory) as s:
-        return queries.sent_series(s, now=utcnow(), window=span, bucket=bucket)
+        return overview.sent_series(s, now=utcnow(), window=span, bucket=bucket)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def reconciliation_series(window: str) -> pd.DataFrame:
     span, bucket = WINDOWS[window]
     with session_scope(get_app().session_factory) as s:
-        return queries.reconciliation_series(s, now=utcnow(), window=span, bucket=bucket)
+        return overview.reconciliation_series(s, now=utcnow(), window=span, bucket=bucket)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def stuck_items(limit: int = 50) -> pd.DataFrame:
     app = get_app()
     with session_scope(app.session_factory) as s:
-        return queries.stuck_items(
+        return overview.stuck_items(
             s, now=utcnow(), grace_seconds=app.settings.grace_seconds, limit=limit
         )
 
@@ -153,17 +157,17 @@ def stuck_items(limit: int = 50) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
-def search_scope(flt: FailedFilter) -> queries.SearchScope:
+def search_scope(flt: FailedFilter) -> failed_filter.SearchScope:
     with session_scope(get_app().session_factory) as s:
-        return queries.search_scope(s, flt, limit=SEARCH_LIMIT)
+        return failed_filter.search_scope(s, flt, limit=SEARCH_LIMIT)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def failed_page(
-    flt: FailedFilter, limit: int = 50, after: queries.FailedCursor | None = None
+    flt: FailedFilter, limit: int = 50, after: failed_filter.FailedCursor | None = None
 ) -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:
-        return queries.failed_deliveries(s, flt, limit=limit, after=after)
+        return failed.failed_deliveries(s, flt, limit=limit, after=after)
 
 
 CSV_COLUMNS = [
@@ -201,7 +205,7 @@ def write_failed_csv(
     writer.writerow(CSV_COLUMNS)
     rows = 0
     with session_scope(session_factory) as s:
-        for chunk in queries.failed_chunks(s, flt, now=now, chunk=EXPORT_CHUNK):
+        for chunk in failed.failed_chunks(s, flt, now=now, chunk=EXPORT_CHUNK):
             for record in chunk[CSV_COLUMNS].itertuples(index=False):
                 writer.writerow([_csv_cell(v) for v in record])
             rows += len(chunk)
@@ -230,52 +234,52 @@ def failed_csv(flt: FailedFilter) -> Callable[[], bytes]:
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def failed_count(flt: FailedFilter) -> int:
     with session_scope(get_app().session_factory) as s:
-        return queries.failed_count(s, flt)
+        return failed_filter.failed_count(s, flt)
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def failed_by_class(flt: FailedFilter) -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:
-        return queries.failed_by_error_class(s, flt)
+        return failed.failed_by_error_class(s, flt)
 
 
 def delivery_states(ids: list[str]) -> pd.DataFrame:
     """Never cached: the re-check before an action must see the rows as they are now."""
     with session_scope(get_app().session_factory) as s:
-        return queries.delivery_states(s, [uuid.UUID(i) for i in ids])
+        return failed.delivery_states(s, [uuid.UUID(i) for i in ids])
 
 
 @st.cache_data(ttl=FAST, show_spinner=False)
-def delivery_detail(delivery_id: str) -> queries.DeliveryDetail | None:
+def delivery_detail(delivery_id: str) -> delivery.DeliveryDetail | None:
     with session_scope(get_app().session_factory) as s:
-        return queries.delivery_detail(s, uuid.UUID(delivery_id))
+        return delivery.delivery_detail(s, uuid.UUID(delivery_id))
 
 
 @st.cache_data(ttl=NORMAL, show_spinner=False)
 def bounced_after_send(limit: int = 200) -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:
-        return queries.bounced_after_send(s, limit=limit)
+        return delivery.bounced_after_send(s, limit=limit)
 
 
 @st.cache_data(ttl=FAST, show_spinner=False)
 def deliveries_for_address(email: str) -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:
-        return queries.deliveries_for_address(s, email)
+        return delivery.deliveries_for_address(s, email)
 
 
 # ---------------------------------------------------------------- audit
 
 
 @st.cache_data(ttl=FAST, show_spinner=False)
-def audit_page(flt: AuditFilter, before: AuditCursor | None, limit: int = 50) -> queries.AuditPage:
+def audit_page(flt: AuditFilter, before: AuditCursor | None, limit: int = 50) -> audit.AuditPage:
     with session_scope(get_app().session_factory) as s:
-        return queries.audit_log(s, flt, before=before, limit=limit)
+        return audit.audit_log(s, flt, before=before, limit=limit)
 
 
 @st.cache_data(ttl=SLOW, show_spinner=False)
 def audit_types() -> list[str]:
     with session_scope(get_app().session_factory) as s:
-        return queries.audit_types(s)
+        return audit.audit_types(s)
 
 
 # ---------------------------------------------------------------- health
@@ -283,7 +287,7 @@ def audit_types() -> list[str]:
 
 @dataclass(frozen=True)
 class Health:
-    runners: list[queries.RunnerState]
+    runners: list[health_queries.RunnerState]
     runs: pd.DataFrame
     providers: pd.DataFrame
     alerts: pd.DataFrame
@@ -298,10 +302,10 @@ def health() -> Health:
 
     now = utcnow()
     with session_scope(get_app().session_factory) as s:
-        runners = queries.runner_states(s, now=now)
-        runs = queries.recent_runs(s, limit=50)
-        providers = queries.provider_states(s, now=now)
-        alerts = queries.recent_alerts(s, limit=50)
+        runners = health_queries.runner_states(s, now=now)
+        runs = health_queries.recent_runs(s, limit=50)
+        providers = health_queries.provider_states(s, now=now)
+        alerts = health_queries.recent_alerts(s, limit=50)
         waiting = waiting_for_keys(s, get_app().settings, now)
     return Health(runners, runs, providers, alerts, read_queue_depth(), now, waiting)
 
@@ -321,18 +325,18 @@ def bulk_dry_run(flt: FailedFilter, rate_per_second: float) -> bulk.DryRun:
         return bulk.dry_run(s, flt, now=utcnow(), rate_per_second=rate_per_second)
 
 
-def active_bulk() -> list[queries.BulkView]:
+def active_bulk() -> list[bulk_queries.BulkView]:
     """Not cached: the progress bars poll it."""
     with session_scope(get_app().session_factory) as s:
-        return queries.active_bulk_operations(s)
+        return bulk_queries.active_bulk_operations(s)
 
 
-def bulk_operation(operation_id: int) -> queries.BulkView | None:
+def bulk_operation(operation_id: int) -> bulk_queries.BulkView | None:
     with session_scope(get_app().session_factory) as s:
-        return queries.bulk_operation(s, operation_id)
+        return bulk_queries.bulk_operation(s, operation_id)
 
 
 @st.cache_data(ttl=FAST, show_spinner=False)
 def bulk_history() -> pd.DataFrame:
     with session_scope(get_app().session_factory) as s:
-        return queries.bulk_history(s, limit=50)
+        return bulk_queries.bulk_history(s, limit=50)

@@ -187,7 +187,7 @@ FAILED_ORDER = [
 
 
 def failed_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame` (rows of `core.queries.failed_deliveries`) with a `link` column to each detail."""
+    """`frame` (rows of `core.queries.failed.failed_deliveries`) with a `link` column to each detail."""
     return frame.assign(link=detail_links(frame["id"]))
 
 

@@ -26,13 +26,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import audit, queries
+from core import audit
 from core.bootstrap import App
 from core.db import SessionFactory, session_scope
 from core.deliveries import requeue_delivery
@@ -44,11 +43,16 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
+from core.failed_filter import FailedFilter, count_by_provider, failed_conditions, failed_count
 from core.locks import lock_key
 from core.models import BulkOperation, CreditEntry, Delivery, ErrorClass
 from core.operators import Operator, Role, require
-from core.queries import ACTIVE_BULK_STATES, FailedFilter
 from core.triage import required_reason
+
+if TYPE_CHECKING:  # the console's read models bring pandas, which the runner never needs
+    import pandas as pd
+
+    from core.queries.bulk import BulkView
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ STALE_AFTER = timedelta(minutes=5)  # a running operation silent this long is pr
 Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 Enqueue = Callable[[int], str]
+
+ACTIVE_BULK_STATES = frozenset({"pending", "running", "aborting"})
 
 # The provider may have accepted these (a requeue could deliver the letter twice), or the
 # letter could not be opened (the key must be back first, or it was tampered with). "Any class"
@@ -112,7 +118,7 @@ class Preview:
     # risky class → matching rows: included (named in the filter) or left out ("any class")
     risky: dict[str, int] = field(default_factory=dict)
     left_out: dict[str, int] = field(default_factory=dict)
-    active: queries.BulkView | None = None  # an active operation this one would overlap
+    active: BulkView | None = None  # an active operation this one would overlap
 
     @property
     def warnings(self) -> list[str]:
@@ -120,7 +126,7 @@ class Preview:
 
 
 def _risky_counts(session: Session, flt: FailedFilter) -> dict[str, int]:
-    where = queries.failed_conditions(flt, with_error_class=False)
+    where = failed_conditions(flt, with_error_class=False)
     classes = [c for c in RISKY_CLASSES if not flt.error_classes or c in flt.error_classes]
     if not classes:
         return {}
@@ -137,17 +143,21 @@ def _risky_counts(session: Session, flt: FailedFilter) -> dict[str, int]:
 def preview(session: Session, flt: FailedFilter, *, now: datetime, sample: int = 20) -> Preview:
     """The pinned filter, its count and the newest `sample` matching rows, the risky classes it
     includes or leaves out, and an active operation it would collide with."""
+    # The console's: its sample is a DataFrame, so pandas is imported here, never by the runner.
+    from core.queries.bulk import bulk_operation
+    from core.queries.failed import failed_deliveries
+
     pinned = effective(flt).pinned(now)
     risky = _risky_counts(session, flt.pinned(now))
     chosen = set(flt.error_classes)
     conflict = conflicting(session, pinned)
     return Preview(
         pinned,
-        queries.failed_count(session, pinned),
-        queries.failed_deliveries(session, pinned, limit=sample),
+        failed_count(session, pinned),
+        failed_deliveries(session, pinned, limit=sample),
         risky={c: n for c, n in risky.items() if c in chosen},
         left_out={c: n for c, n in risky.items() if c not in chosen},
-        active=queries.bulk_operation(session, conflict.id) if conflict is not None else None,
+        active=bulk_operation(session, conflict.id) if conflict is not None else None,
     )
 
 
@@ -230,18 +240,15 @@ def dry_run(
 ) -> DryRun:
     """Counts by error class and provider, credit shortfalls, and how long it would take."""
     pinned = effective(flt).pinned(now)
-    where = queries.failed_conditions(pinned)
-    count = queries.failed_count(session, pinned)
+    where = failed_conditions(pinned)
+    count = failed_count(session, pinned)
     by_class = {
         str(c or "unknown"): int(n)
         for c, n in session.execute(
             select(Delivery.error_class, func.count()).where(*where).group_by(Delivery.error_class)
         )
     }
-    by_provider = {
-        str(p): int(n)
-        for p, n in queries.failed_by_provider(session, pinned).itertuples(index=False)
-    }
+    by_provider = {str(p or "none"): n for p, n in count_by_provider(session, pinned)}
     # Per owner: rows that would have to reserve a credit again, against the owner's balance.
     needing = session.execute(
         select(Delivery.user_id, func.count())
@@ -319,7 +326,7 @@ def launch(
     cap = app.settings.bulk_max_rows
     with session_scope(app.session_factory) as session:
         _serialize_launches(session)
-        count = queries.failed_count(session, pinned)
+        count = failed_count(session, pinned)
         if count == 0:
             raise ValidationError("filter", "no failed delivery matches this filter")
         if count > cap:
@@ -388,7 +395,7 @@ def launch(
     return Launched(operation_id, task_id, "pending", count)
 
 
-def conflict_message(op: BulkOperation | queries.BulkView) -> str:
+def conflict_message(op: BulkOperation | BulkView) -> str:
     described = FailedFilter.from_dict(dict(op.filter)).describe()
     return (
         f"bulk operation #{op.id} ({op.state}, by {op.actor}: {described}) may touch the same "
@@ -551,7 +558,7 @@ def run_operation(
         return RunResult(operation_id, op.state, op.done_count, op.skipped_count)
 
     flt = FailedFilter.from_dict(dict(op.filter))
-    where = queries.failed_conditions(flt)
+    where = failed_conditions(flt)
     interval = 1.0 / op.rate_per_second
     reason = f"bulk #{operation_id}: {op.reason}"
     done = skipped = 0

@@ -232,7 +232,8 @@ class DatabaseCollector(Collector):
         yield from self._queue()
 
     def _from_database(self, now: datetime) -> list[Metric]:
-        from core.queries import scheduled_count  # pandas: the exporter's import, not the worker's
+        # pandas: the exporter's import, not the worker's
+        from core.queries.overview import scheduled_count
 
         with session_scope(self.session_factory) as session:
             scheduled, _ = scheduled_count(session)  # PostgreSQL's estimate above 50,000
@@ -323,7 +324,7 @@ class DatabaseCollector(Collector):
 
 
 def _count(status: Status) -> ScalarSelect[int]:
-    # a literal status, so the planner matches the partial index (see core.queries._is)
+    # a literal status, so the planner matches the partial index (see core.expressions.is_status)
     return (
         select(func.count())
         .select_from(Delivery)

@@ -7,7 +7,7 @@
 A bucket is settled `SETTLE` after it ends: a sent row carries the time its run recorded it,
 and it commits within seconds of that. The console reads finished buckets from here and only
 the rest from the sent rows, so a 30-day chart costs the same at any volume. Missing rows only
-make the chart slower, never wrong: `queries.sent_series` computes what is not rolled up.
+make the chart slower, never wrong: `queries.overview.sent_series` computes what is not rolled up.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.db import SessionFactory, session_scope
+from core.lateness import BUCKETS, bucket_range, sent_stats
 from core.models import SentRollup
-from core.queries import BUCKETS, bucket_range, sent_stats
 
 SETTLE = timedelta(minutes=15)
 KEEP = {"hour": timedelta(days=8), "day": timedelta(days=35)}
@@ -39,24 +38,23 @@ def roll_up(session: Session, *, now: datetime, settle: timedelta = SETTLE) -> i
         finished = [start for start in starts if start + step <= settled]
         if not finished:
             continue
-        have = {
-            pd.Timestamp(start)
-            for start in session.scalars(
+        have = set(
+            session.scalars(
                 select(SentRollup.start).where(
                     SentRollup.bucket == bucket, SentRollup.start >= finished[0]
                 )
             )
-        }
-        missing = [start for start in finished if pd.Timestamp(start) not in have]
+        )
+        missing = [start for start in finished if start not in have]
         if not missing:
             continue
         stats = sent_stats(session, since=missing[0], until=missing[-1] + step, bucket=bucket)
-        by_start = {row.bucket: row for row in stats.itertuples(index=False)}
+        by_start = {row.bucket: row for row in stats}
         rows = []
         for start in missing:
-            found = by_start.get(pd.Timestamp(start))
+            found = by_start.get(start)
             sent, p50, p95, p99 = (
-                (int(found.sent), found.p50, found.p95, found.p99)
+                (found.sent, found.p50, found.p95, found.p99)
                 if found is not None
                 else (0, None, None, None)
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from core.bulk import run_operation
 from core.policy import utcnow
 from huey_app import huey
 from tasks.runtime import get_app
@@ -11,9 +12,6 @@ from tasks.runtime import get_app
 
 @huey.task(name="capsule.bulk_run")
 def bulk_run(operation_id: int) -> None:
-    # Imported here: core.bulk brings pandas, which every consumer and CLI start would pay for.
-    from core.bulk import run_operation
-
     run_operation(get_app(), operation_id, clock=utcnow, sleep=time.sleep)
 
 

@@ -31,10 +31,10 @@ from typing import IO, Any
 
 from core.db import session_scope
 from core.errors import CapsuleError, InvalidDeliveryTime, NotFound, ValidationError
+from core.failed_filter import FailedFilter
 from core.models import ErrorClass
 from core.operators import Operator, Role
 from core.policy import parse_when, short_repr, utcnow
-from core.queries import FailedFilter
 from tasks import cli
 
 FORMATS = ("table", "csv", "json")
@@ -190,7 +190,7 @@ TABLE = [  # column, header, width (the last one takes what is left, cut)
 
 
 def cmd_failed_list(args: argparse.Namespace) -> int:
-    from core import listing
+    from core import failed_filter
 
     now = utcnow()
     flt = _filter(args, now)
@@ -198,7 +198,7 @@ def cmd_failed_list(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         with session_scope(app.session_factory) as session:
-            rows: Iterable[dict[str, Any]] = listing.failed_rows(
+            rows: Iterable[dict[str, Any]] = failed_filter.failed_rows(
                 session, flt, now=now, page_size=args.page_size
             )
             if args.limit:
@@ -237,13 +237,13 @@ def _plain(value: Any) -> Any:
 
 
 def write_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
-    from core.listing import COLUMNS
+    from core.failed_filter import FAILED_COLUMNS
 
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(FAILED_COLUMNS)
     count = 0
     for row in rows:
-        writer.writerow(["" if row[c] is None else _plain(row[c]) for c in COLUMNS])
+        writer.writerow(["" if row[c] is None else _plain(row[c]) for c in FAILED_COLUMNS])
         count += 1
     return count
 
@@ -398,13 +398,14 @@ def cmd_bulk_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_bulk_resume(args: argparse.Namespace) -> int:
-    from core import bulk, queries
+    from core import bulk
+    from core.queries.bulk import bulk_operation
 
     actor, reason = cli._actor(args), cli._reason(args)
     rate = bulk.validate_rate(args.rate) if args.rate is not None else None
     app = cli._app()
     with session_scope(app.session_factory) as session:
-        view = queries.bulk_operation(session, args.id)
+        view = bulk_operation(session, args.id)
     if view is None:
         raise NotFound("bulk operation", args.id)
     if view.state not in bulk.RESUMABLE_STATES:
@@ -507,10 +508,10 @@ def _abort_at_terminal(app: Any, operation_id: int, operator: Operator, progress
 
 
 def _view(app: Any, operation_id: int) -> Any:
-    from core import queries
+    from core.queries.bulk import bulk_operation
 
     with session_scope(app.session_factory) as session:
-        view = queries.bulk_operation(session, operation_id)
+        view = bulk_operation(session, operation_id)
     if view is None:
         raise NotFound("bulk operation", operation_id)
     return view
@@ -564,11 +565,11 @@ def cmd_bulk_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bulk_list(args: argparse.Namespace) -> int:
-    from core import queries
+    from core.queries.bulk import bulk_history
 
     app = cli._app()
     with session_scope(app.session_factory) as session:
-        frame = queries.bulk_history(session, limit=args.limit)
+        frame = bulk_history(session, limit=args.limit)
     if args.json:
         print(frame.to_json(orient="records", date_format="iso"))
         return 0

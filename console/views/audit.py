@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time
 import streamlit as st
 
 from console import auth, data, ui
-from core.queries import AuditFilter
+from core.queries.audit import AuditFilter
 
 PAGE_SIZE = 50
 CURSORS_KEY = "_audit_cursors"  # the cursor of each page shown so far; [-1] is the current one

@@ -15,10 +15,11 @@ from console import auth, data, ui
 from core import bulk
 from core.config import KNOWN_PROVIDERS
 from core.errors import CapsuleError
+from core.failed_filter import FailedFilter
 from core.models import ErrorClass
 from core.operators import Operator, Role
 from core.policy import utcnow
-from core.queries import BulkView, FailedFilter
+from core.queries.bulk import BulkView
 
 POLL_SECONDS = 2
 DRY_RUN_KEY = "_bulk_dry_run"

@@ -11,7 +11,7 @@ import plotly.express as px
 import streamlit as st
 
 from console import actions, auth, data, ui
-from core.queries import DeliveryDetail
+from core.queries.delivery import DeliveryDetail
 
 DETAIL_KEY = "_detail_id"
 LINKED_KEY = "_detail_linked"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from console import auth, data, ui
-from core.queries import RunnerState
+from core.queries.health import RunnerState
 
 REFRESH_SECONDS = 15
 CIRCUIT_LABELS = {

@@ -16,10 +16,11 @@ import streamlit as st
 
 from console import actions, auth, bounced, data, ui
 from core.config import KNOWN_PROVIDERS
+from core.failed_filter import SEARCH_IN, FailedCursor, FailedFilter
 from core.models import ErrorClass
 from core.operators import Role
 from core.policy import utcnow
-from core.queries import SEARCH_IN, FailedCursor, FailedFilter
+from core.queries.failed import cursor_after
 
 SELECTED_KEY = "_triage_selected"
 URL_KEY = "_triage_url"  # the filter query this page last read from or wrote to the URL
@@ -292,7 +293,7 @@ def render() -> None:
     # Positions become ids at once: later reruns may load different rows.
     ids = [str(frame.iloc[i]["id"]) for i in event.selection.rows]
     st.session_state[SELECTED_KEY] = ids
-    _pager(FailedCursor.after_last(frame), page, size, len(frame), total)
+    _pager(cursor_after(frame), page, size, len(frame), total)
 
     bar_left, bar_mid, bar_right = st.columns([3, 1, 1], vertical_alignment="bottom")
     with bar_left:

@@ -24,9 +24,9 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from core.db import make_session_factory, session_scope
+from core.failed_filter import FailedFilter, failed_count
 from core.models import AuditEvent, BulkOperation, Delivery
 from core.operators import Role, secrets_entry
-from core.queries import FailedFilter, failed_count
 from tests.conftest import service_missing
 from tests.console.conftest import KEY_ENTRY, PASSWORD, ROOT
 

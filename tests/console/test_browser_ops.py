@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from core import queries
 from core.crypto import Keyring
 from core.db import make_session_factory, session_scope
 from core.demo import seed
+from core.failed_filter import FailedFilter
 from core.operators import Role, secrets_entry
 from core.policy import utcnow
-from core.queries import FailedFilter
+from core.queries import failed
 from tests.conftest import service_missing, truncate_all
 from tests.console.conftest import KEY_ENTRY, PASSWORD, ROOT
 from tests.console.test_browser import (
@@ -108,7 +108,7 @@ def expected_ids(engine: Any, flt: FailedFilter) -> list[str]:
     with session_scope(make_session_factory(engine)) as s:
         return [
             str(i)
-            for chunk in queries.failed_chunks(s, flt, now=utcnow(), chunk=500)
+            for chunk in failed.failed_chunks(s, flt, now=utcnow(), chunk=500)
             for i in chunk["id"]
         ]
 

@@ -11,14 +11,14 @@ import pytest
 import streamlit as st
 from sqlalchemy import Engine, create_engine, select, update
 
-from core import bulk, queries
+from core import bulk, failed_filter
 from core.bootstrap import build_app
 from core.bulk import ANY_SAFE_CLASS
 from core.config import Settings
 from core.db import make_session_factory, session_scope
+from core.failed_filter import FailedFilter
 from core.models import Delivery, ErrorClass, Letter, Status
 from core.policy import utcnow
-from core.queries import FailedFilter
 from tests.conftest import RecordingEnqueuer
 from tests.console.conftest import Runner, Seams
 from tests.console.test_pages import OPS, VIEWER, texts
@@ -60,7 +60,7 @@ def test_health_page_names_the_missing_keys_and_how_many_letters_wait(
 
 def _count(engine: Engine, classes: tuple[str, ...]) -> int:
     with session_scope(make_session_factory(engine)) as s:
-        return queries.failed_count(s, FailedFilter(error_classes=classes))
+        return failed_filter.failed_count(s, FailedFilter(error_classes=classes))
 
 
 def test_bulk_any_class_leaves_out_the_risky_classes_and_naming_one_shows_the_warning(

@@ -8,11 +8,13 @@ from datetime import timedelta
 
 import pytest
 
-from core import queries
+from core import failed_filter
 from core.bootstrap import App
 from core.db import session_scope
+from core.failed_filter import FailedFilter
 from core.models import ProviderState
-from core.queries import FailedCursor, FailedFilter
+from core.queries import failed
+from core.queries import health as health_queries
 from tests.conftest import T0
 from tests.console.builders import add_failed, add_user
 
@@ -39,7 +41,7 @@ def many(app: App) -> list[str]:
         for _ in range(3):  # the tie, the oldest of all
             ids.append(add_failed(s, lee, failed_at=NOW - timedelta(hours=1)))
         s.commit()
-        frame = queries.failed_deliveries(s, FailedFilter())
+        frame = failed.failed_deliveries(s, FailedFilter())
     assert len(frame) == 23
     return [str(i) for i in frame["id"]]
 
@@ -49,22 +51,22 @@ def test_pages_follow_the_keyset_without_gaps_or_repeats(app: App, many: list[st
     after = None
     with session_scope(app.session_factory) as s:
         while True:
-            page = queries.failed_deliveries(s, FailedFilter(), limit=5, after=after)
+            page = failed.failed_deliveries(s, FailedFilter(), limit=5, after=after)
             if page.empty:
                 break
             seen += page["id"].tolist()
-            after = FailedCursor.after_last(page)
+            after = failed.cursor_after(page)
     assert seen == many  # the three tied rows split across pages 4 and 5 by id
 
 
 def test_a_new_failure_does_not_shift_the_next_page(app: App, many: list[str]) -> None:
     with session_scope(app.session_factory) as s:
-        first = queries.failed_deliveries(s, FailedFilter(), limit=5)
+        first = failed.failed_deliveries(s, FailedFilter(), limit=5)
         user = add_user(s, "new@owner.example", NOW)
         add_failed(s, user, failed_at=NOW)  # fails while the reader looks at page 1
         s.commit()
-        second = queries.failed_deliveries(
-            s, FailedFilter(), limit=5, after=FailedCursor.after_last(first)
+        second = failed.failed_deliveries(
+            s, FailedFilter(), limit=5, after=failed.cursor_after(first)
         )
     assert second["id"].tolist() == many[5:10]
 
@@ -74,7 +76,7 @@ def test_export_chunks_cover_the_whole_pinned_set(app: App, many: list[str]) -> 
         late = add_user(s, "late@owner.example", NOW)
         add_failed(s, late, failed_at=NOW + timedelta(seconds=5))  # after the export's `now`
         s.commit()
-        chunks = list(queries.failed_chunks(s, FailedFilter(), now=NOW, chunk=4))
+        chunks = list(failed.failed_chunks(s, FailedFilter(), now=NOW, chunk=4))
     assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 3]
     assert [i for c in chunks for i in c["id"]] == many
 
@@ -87,17 +89,17 @@ def test_search_by_owner_or_recipient(
     app: App, many: list[str], search_in: str, expected: int
 ) -> None:
     with session_scope(app.session_factory) as s:
-        count = queries.failed_count(s, FailedFilter(search="KIM@", search_in=search_in))
+        count = failed_filter.failed_count(s, FailedFilter(search="KIM@", search_in=search_in))
     assert count == expected
 
 
 def test_search_says_when_it_stopped_early(app: App, many: list[str]) -> None:
     flt = FailedFilter(search="kim", search_in="owner")
     with session_scope(app.session_factory) as s:
-        whole = queries.search_scope(s, flt, limit=23)
-        bounded = queries.search_scope(s, flt, limit=6)
-        count = queries.failed_count(s, bounded.filter)
-        unsearched = queries.search_scope(s, FailedFilter(), limit=6)
+        whole = failed_filter.search_scope(s, flt, limit=23)
+        bounded = failed_filter.search_scope(s, flt, limit=6)
+        count = failed_filter.failed_count(s, bounded.filter)
+        unsearched = failed_filter.search_scope(s, FailedFilter(), limit=6)
     assert not whole.stopped_early and whole.filter == flt
     # the newest six failures were read (minutes 1..6); kim owns the odd ones: 2, 4, 6
     assert bounded.stopped_early and count == 3
@@ -130,7 +132,7 @@ def test_half_open_circuits_read_as_half_open(app: App) -> None:
                 )
             )
         s.commit()
-        circuits = queries.provider_states(s, now=NOW)
+        circuits = health_queries.provider_states(s, now=NOW)
     assert dict(zip(circuits["provider"], circuits["circuit"], strict=True)) == {
         "postmark": "half_open",
         "resend": "open",

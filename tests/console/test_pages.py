@@ -12,15 +12,15 @@ import pytest
 from sqlalchemy import Engine, create_engine, select
 from streamlit.testing.v1 import AppTest
 
-from core import queries
 from core.bootstrap import build_app
 from core.bulk import ANY_SAFE_CLASS, run_operation
 from core.config import Settings
 from core.db import make_session_factory, session_scope
+from core.failed_filter import FailedFilter
 from core.models import AuditEvent, BulkOperation, Delivery
 from core.operators import Operator, Role
 from core.policy import utcnow
-from core.queries import FailedFilter
+from core.queries import failed, overview
 from tests.conftest import RecordingEnqueuer
 from tests.console.conftest import Runner, Seams, markdown_values
 from tests.console.markdown import plain
@@ -39,7 +39,7 @@ def engine(console_env: Seams) -> Iterator[Engine]:
 
 def failed_frame(engine: Engine, flt: FailedFilter | None = None) -> list[str]:
     with session_scope(make_session_factory(engine)) as s:
-        return queries.failed_deliveries(s, flt or FailedFilter())["id"].tolist()
+        return failed.failed_deliveries(s, flt or FailedFilter())["id"].tolist()
 
 
 def status_of(engine: Engine, delivery_id: str) -> str:
@@ -83,7 +83,7 @@ def test_overview_tiles_charts_and_stuck_rows(console: Runner, engine: Engine) -
     assert at.title[0].value == "Overview"
     metrics = {m.label: m.value for m in at.metric}
     with session_scope(make_session_factory(engine)) as s:
-        tiles = queries.tiles(s, now=utcnow(), grace_seconds=60)
+        tiles = overview.tiles(s, now=utcnow(), grace_seconds=60)
     assert metrics["Scheduled"] == f"{tiles.scheduled:,}"
     assert metrics["Failed and open"] == f"{tiles.failed_open:,}"
     assert metrics["Stuck"] == f"{tiles.stuck:,}" and tiles.stuck > 0

@@ -17,11 +17,12 @@ import pytest
 from sqlalchemy import Engine, create_engine, update
 from streamlit.testing.v1 import AppTest
 
-from core import queries
+from core import failed_filter
 from core.db import make_session_factory, session_scope
+from core.failed_filter import FailedCursor, FailedFilter
 from core.models import Delivery
 from core.operators import Operator, Role
-from core.queries import FailedCursor, FailedFilter
+from core.queries import failed as failed_queries
 from tests.console.conftest import ENTRY, Runner, Seams, accounts, markdown_values
 from tests.console.markdown import plain
 
@@ -39,12 +40,12 @@ def failed(
     engine: Engine, flt: FailedFilter, *, limit: int = 500, after: FailedCursor | None = None
 ) -> list[str]:
     with session_scope(make_session_factory(engine)) as s:
-        return queries.failed_deliveries(s, flt, limit=limit, after=after)["id"].tolist()
+        return failed_queries.failed_deliveries(s, flt, limit=limit, after=after)["id"].tolist()
 
 
 def count(engine: Engine, flt: FailedFilter) -> int:
     with session_scope(make_session_factory(engine)) as s:
-        return queries.failed_count(s, flt)
+        return failed_filter.failed_count(s, flt)
 
 
 def texts(at: AppTest) -> str:

@@ -265,7 +265,7 @@ def test_replace_keeps_claims_frozen() -> None:
 
 
 def test_the_delivery_detail_names_the_batch_a_letter_went_out_in(app: App) -> None:
-    from core.queries import delivery_detail
+    from core.queries.delivery import delivery_detail
 
     ids = due_letters(app, 3)
     run_delivery(app, ids[0], "t1", clock=lambda: AT_DUE)

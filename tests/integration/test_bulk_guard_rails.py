@@ -17,8 +17,8 @@ from core import bulk
 from core.bootstrap import App
 from core.db import session_scope
 from core.errors import BulkConflict, ValidationError
+from core.failed_filter import FailedFilter
 from core.models import BulkOperation, CreditEntry, Delivery
-from core.queries import FailedFilter
 from tests.conftest import T0
 from tests.console.builders import add_failed
 from tests.integration.test_triage_bulk import (  # noqa: F401  (failed: a fixture)

@@ -23,7 +23,7 @@ from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
 from core.deliveries import create_user, schedule_delivery
-from core.listing import COLUMNS
+from core.failed_filter import FAILED_COLUMNS
 from core.models import AuditEvent, BulkOperation, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
 from huey_app import make_huey
@@ -178,7 +178,7 @@ def test_failed_list_streams_the_whole_filtered_set_as_csv_json_and_table(ops: O
     # Then every one of them is there, newest first, under a header row of triage's columns
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
-    assert list(rows[0].keys()) == COLUMNS
+    assert list(rows[0].keys()) == FAILED_COLUMNS
     assert [r["id"] for r in rows] == [str(i) for i in postmark + resend]
     assert {r["provider"] for r in rows[:3]} == {"postmark"} and rows[0]["status_code"] == "503"
     failed_at = [datetime.fromisoformat(r["failed_at"]) for r in rows]

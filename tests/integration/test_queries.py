@@ -11,11 +11,14 @@ import pandas as pd
 import pytest
 from sqlalchemy import select, text
 
-from core import queries
+from core import failed_filter
 from core.bootstrap import App
 from core.db import session_scope
+from core.failed_filter import FailedFilter
 from core.models import Alert, ProviderState, ReconcilerRun, Status
-from core.queries import AuditFilter, FailedFilter
+from core.queries import audit, delivery, failed, overview
+from core.queries import health as health_queries
+from core.queries.audit import AuditFilter
 from tests.conftest import T0
 from tests.console.builders import add_delivery, add_event, add_failed, add_user
 
@@ -67,11 +70,11 @@ def test_tiles_count_each_state_from_its_index(app: App) -> None:
 
     # When the overview reads its tiles
     with session_scope(app.session_factory) as s:
-        tiles = queries.tiles(s, now=NOW, grace_seconds=60)
-        counts = queries.status_counts(s, now=NOW, window=timedelta(hours=24))
+        tiles = overview.tiles(s, now=NOW, grace_seconds=60)
+        counts = overview.status_counts(s, now=NOW, window=timedelta(hours=24))
 
     # Then each tile counts exactly its rows
-    assert tiles == queries.Tiles(
+    assert tiles == overview.Tiles(
         scheduled=5, due_next_hour=2, processing=2, sent_24h=4, failed_open=1, stuck=2
     )
     assert dict(zip(counts["status"], counts["count"], strict=True)) == {
@@ -101,10 +104,10 @@ def test_a_large_scheduled_total_is_postgresqls_estimate_and_says_so(app: App) -
             s.commit()
 
     with session_scope(app.session_factory) as s:
-        exact = queries.tiles(s, now=NOW, grace_seconds=60)
+        exact = overview.tiles(s, now=NOW, grace_seconds=60)
         # When the exact count is reserved for totals below 100
-        large = queries.tiles(s, now=NOW, grace_seconds=60, exact_up_to=100)
-        counts = queries.status_counts(s, now=NOW, window=timedelta(hours=24), exact_up_to=100)
+        large = overview.tiles(s, now=NOW, grace_seconds=60, exact_up_to=100)
+        counts = overview.status_counts(s, now=NOW, window=timedelta(hours=24), exact_up_to=100)
 
     # Then below the bound the count is exact; above it PostgreSQL's estimate, marked as one
     assert (exact.scheduled, exact.scheduled_estimated) == (300, False)
@@ -147,7 +150,9 @@ def test_lateness_percentiles_match_linear_interpolation(app: App) -> None:
 
     # When the series is read hourly over 24 h
     with session_scope(app.session_factory) as s:
-        series = queries.sent_series(s, now=NOW + timedelta(minutes=59), window=timedelta(hours=24))
+        series = overview.sent_series(
+            s, now=NOW + timedelta(minutes=59), window=timedelta(hours=24)
+        )
 
     # Then there is one row per hour, zero-filled, and each percentile is percentile_cont
     assert len(series) == 24
@@ -165,7 +170,7 @@ def test_lateness_percentiles_match_linear_interpolation(app: App) -> None:
 def test_daily_buckets_and_window_bound(app: App) -> None:
     _sent_with_lateness(app, {1: [1.0, 3.0], 30: [10.0], 24 * 9: [50.0]})
     with session_scope(app.session_factory) as s:
-        series = queries.sent_series(s, now=NOW, window=timedelta(days=7), bucket="day")
+        series = overview.sent_series(s, now=NOW, window=timedelta(days=7), bucket="day")
     assert len(series) == 7
     assert series["sent"].tolist()[-2:] == [1, 2]  # yesterday (30 h ago) and today
     assert series["sent"].sum() == 3  # nine days ago is outside the window
@@ -194,7 +199,7 @@ def test_reconciliation_rate_is_rescued_over_sent(app: App) -> None:
             )
         )
         s.commit()
-        series = queries.reconciliation_series(s, now=NOW, window=timedelta(hours=6))
+        series = overview.reconciliation_series(s, now=NOW, window=timedelta(hours=6))
     by_bucket = series.set_index("bucket")
     row = by_bucket.loc[pd.Timestamp(hour)]
     assert (row["runs"], row["rescued"], row["sent"]) == (3, 5, 10)
@@ -218,7 +223,7 @@ def test_stuck_items_oldest_first_with_ages(app: App) -> None:
         )
         add_delivery(s, u, status="scheduled", deliver_at=NOW - timedelta(seconds=10), now=NOW)
         s.commit()
-        stuck = queries.stuck_items(s, now=NOW, grace_seconds=60)
+        stuck = overview.stuck_items(s, now=NOW, grace_seconds=60)
     assert stuck["id"].tolist() == [str(old), str(lease)]
     assert stuck["age_seconds"].tolist() == [2400.0, 600.0]
     assert stuck["status"].tolist() == ["scheduled", "processing"]
@@ -287,8 +292,8 @@ def test_failed_filters(
     app: App, failures: dict[str, uuid.UUID], flt: FailedFilter, expected: list[str]
 ) -> None:
     with session_scope(app.session_factory) as s:
-        frame = queries.failed_deliveries(s, flt)
-        count = queries.failed_count(s, flt)
+        frame = failed.failed_deliveries(s, flt)
+        count = failed_filter.failed_count(s, flt)
     assert frame["id"].tolist() == [str(failures[name]) for name in expected]
     assert count == len(expected)
 
@@ -297,9 +302,9 @@ def test_failed_rows_carry_last_attempt_and_notice(
     app: App, failures: dict[str, uuid.UUID]
 ) -> None:
     with session_scope(app.session_factory) as s:
-        frame = queries.failed_deliveries(s, FailedFilter()).set_index("id")
-        by_class = queries.failed_by_error_class(s, FailedFilter(error_classes=("ambiguous",)))
-        by_provider = queries.failed_by_provider(s, FailedFilter())
+        frame = failed.failed_deliveries(s, FailedFilter()).set_index("id")
+        by_class = failed.failed_by_error_class(s, FailedFilter(error_classes=("ambiguous",)))
+        by_provider = failed.failed_by_provider(s, FailedFilter())
     perm = frame.loc[str(failures["perm_resend"])]
     assert (perm["provider"], perm["status_code"], perm["notified"]) == ("resend", 422, "sent")
     assert perm["owner_email"] == "ada@example.com"
@@ -332,8 +337,8 @@ def test_delivery_detail_shows_metadata_never_the_letter(
     with session_scope(app.session_factory) as s:
         add_event(s, "delivery.failed", "system", NOW - timedelta(days=3), delivery_id, "422")
         s.commit()
-        detail = queries.delivery_detail(s, delivery_id)
-        missing = queries.delivery_detail(s, uuid.uuid4())
+        detail = delivery.delivery_detail(s, delivery_id)
+        missing = delivery.delivery_detail(s, uuid.uuid4())
     assert missing is None
     assert detail is not None
     assert (detail.status, detail.error_class, detail.owner_email) == (
@@ -365,17 +370,17 @@ def test_audit_log_pages_newest_first_without_gaps(app: App) -> None:
         cursor = None
         pages = 0
         while True:
-            page = queries.audit_log(s, AuditFilter(), before=cursor, limit=5)
+            page = audit.audit_log(s, AuditFilter(), before=cursor, limit=5)
             seen += page.rows["id"].tolist()
             stamps += page.rows["created_at"].tolist()
             pages += 1
             cursor = page.next_cursor
             if cursor is None:
                 break
-        only = queries.audit_log(s, AuditFilter(types=("delivery.requeued",), actor="op1"))
-        by_delivery = queries.audit_log(s, AuditFilter(delivery_id=target))
-        recent = queries.audit_log(s, AuditFilter(since=NOW - timedelta(minutes=1)))
-        types = queries.audit_types(s)
+        only = audit.audit_log(s, AuditFilter(types=("delivery.requeued",), actor="op1"))
+        by_delivery = audit.audit_log(s, AuditFilter(delivery_id=target))
+        recent = audit.audit_log(s, AuditFilter(since=NOW - timedelta(minutes=1)))
+        types = audit.audit_types(s)
     assert pages == 5 and len(seen) == 24 and len(set(seen)) == 24
     assert stamps == sorted(stamps, reverse=True)
     assert set(only.rows["actor"]) == {"op1"} and set(only.rows["type"]) == {"delivery.requeued"}
@@ -411,10 +416,10 @@ def test_health_reads_runs_circuits_and_alerts(app: App) -> None:
         s.add(ProviderState(provider="postmark", consecutive_failures=0, updated_at=NOW))
         s.add(Alert(kind="stuck", message="12 stuck rows", created_at=NOW, delivered=True))
         s.commit()
-        states = {r.kind: r for r in queries.runner_states(s, now=NOW)}
-        runs = queries.recent_runs(s, limit=2)
-        circuits = queries.provider_states(s, now=NOW)
-        alerts = queries.recent_alerts(s)
+        states = {r.kind: r for r in health_queries.runner_states(s, now=NOW)}
+        runs = health_queries.recent_runs(s, limit=2)
+        circuits = health_queries.provider_states(s, now=NOW)
+        alerts = health_queries.recent_alerts(s)
     assert states["backstop"].age_seconds == 60 and states["backstop"].ok is True
     assert states["dispatcher"].started_at is None
     assert runs["found"].tolist() == [1, 2] and runs["duration_ms"].tolist() == [40.0, 40.0]
@@ -427,9 +432,9 @@ def test_health_reads_runs_circuits_and_alerts(app: App) -> None:
 
 def test_deliveries_for_address(app: App, failures: dict[str, uuid.UUID]) -> None:
     with session_scope(app.session_factory) as s:
-        by_owner = queries.deliveries_for_address(s, "BOB@corp.example")
-        by_recipient = queries.deliveries_for_address(s, "x@gmail.test")
-        states = queries.delivery_states(s, [failures["ambiguous"], uuid.uuid4()])
+        by_owner = delivery.deliveries_for_address(s, "BOB@corp.example")
+        by_recipient = delivery.deliveries_for_address(s, "x@gmail.test")
+        states = failed.delivery_states(s, [failures["ambiguous"], uuid.uuid4()])
     assert set(by_owner["id"]) == {str(failures["ambiguous"]), str(failures["trans_resend"])}
     assert by_recipient["id"].tolist() == [str(failures["perm_resend"])]
     assert states["status"].tolist() == [Status.FAILED]
@@ -459,7 +464,7 @@ def test_rollups_cover_finished_settled_buckets_once_and_the_series_reads_them(a
         (timedelta(days=30), "day"),
     ]
     with session_scope(app.session_factory) as s:
-        live = [queries.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
+        live = [overview.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
 
     # When the rollup runs, and runs again
     with session_scope(app.session_factory) as s:
@@ -479,7 +484,7 @@ def test_rollups_cover_finished_settled_buckets_once_and_the_series_reads_them(a
 
     # And the series read from the rollups are exactly the live ones
     with session_scope(app.session_factory) as s:
-        rolled = [queries.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
+        rolled = [overview.sent_series(s, now=now, window=w, bucket=b) for w, b in windows]
     for before, after in zip(live, rolled, strict=True):
         pd.testing.assert_frame_equal(before, after, check_dtype=False, atol=1e-6)
     assert rolled[2]["sent"].sum() == sum(len(v) for v in lateness.values())
@@ -497,7 +502,7 @@ def test_a_rolled_up_bucket_is_read_from_the_rollup_and_gaps_from_the_rows(app: 
 
     # When the 7-day series is read
     with session_scope(app.session_factory) as s:
-        series = queries.sent_series(s, now=NOW, window=timedelta(days=7), bucket="day")
+        series = overview.sent_series(s, now=NOW, window=timedelta(days=7), bucket="day")
 
     # Then that day comes from the rollup, and the days after it from the sent rows
     assert series["sent"].tolist()[-3:] == [7, 1, 2]

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from core import bulk, credits, queries, triage
+from core import bulk, credits, triage
 from core.bootstrap import App
 from core.db import session_scope
 from core.errors import PermissionDenied, ValidationError
+from core.failed_filter import FailedFilter
 from core.models import (
     AuditEvent,
     BulkOperation,
@@ -25,7 +26,7 @@ from core.models import (
     Status,
 )
 from core.operators import Operator, Role
-from core.queries import FailedFilter
+from core.queries import bulk as bulk_queries
 from tests.conftest import T0, RecordingEnqueuer
 from tests.console.builders import add_failed, add_user
 
@@ -247,9 +248,9 @@ def launch(app: App, flt: FailedFilter, count: int, rate: float = 2.0) -> int:
     return launched.operation_id
 
 
-def operation(app: App, op_id: int) -> queries.BulkView:
+def operation(app: App, op_id: int) -> bulk_queries.BulkView:
     with session_scope(app.session_factory) as s:
-        view = queries.bulk_operation(s, op_id)
+        view = bulk_queries.bulk_operation(s, op_id)
     assert view is not None
     return view
 
@@ -437,8 +438,8 @@ def test_rows_without_credit_are_skipped(app: App, failed: list[uuid.UUID]) -> N
     assert (result.done, result.skipped) == (2, 1)
     assert events(app, "bulk.done")[0].data["skip_reasons"] == {"no_credit": 1}
     with session_scope(app.session_factory) as s:
-        history = queries.bulk_history(s)
-        active = queries.active_bulk_operations(s)
+        history = bulk_queries.bulk_history(s)
+        active = bulk_queries.active_bulk_operations(s)
     assert history[["state", "expected", "done", "skipped"]].iloc[0].tolist() == [
         "done",
         3,

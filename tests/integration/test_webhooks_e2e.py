@@ -19,13 +19,13 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from core import queries
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
 from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery, Notification, Suppression, WebhookEvent
 from core.policy import utcnow
+from core.queries import delivery
 from huey_app import make_huey
 from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY, truncate_all
@@ -175,7 +175,7 @@ def test_a_letter_to_a_dead_address_bounces_tells_its_owner_once_and_holds_the_n
     assert sorted(e["bounce_kind"] for e in status["provider_events"]) == ["hard", "soft"]
     # and so does the console's detail data
     with session_scope(world.app.session_factory) as s:
-        detail = queries.delivery_detail(s, first)
+        detail = delivery.delivery_detail(s, first)
     assert detail is not None and detail.status == "bounced"
     assert len(detail.provider_events) == 2  # two events, each stored once despite duplicates
     assert world.count(WebhookEvent) == 2
