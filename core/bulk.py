@@ -47,6 +47,7 @@ from core.errors import (
 from core.locks import lock_key
 from core.models import BulkOperation, CreditEntry, Delivery, ErrorClass
 from core.operators import Operator, Role, require
+from core.policy import Clock
 from core.queries import ACTIVE_BULK_STATES, FailedFilter
 from core.triage import required_reason
 
@@ -59,7 +60,6 @@ DEFAULT_RATE_PER_SECOND = 5.0
 BATCH_SIZE = 100
 STALE_AFTER = timedelta(minutes=5)  # a running operation silent this long is presumed dead
 
-Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 Enqueue = Callable[[int], str]
 

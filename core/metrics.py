@@ -41,6 +41,7 @@ from core.deliveries import Claim
 from core.health import count_stuck
 from core.models import Delivery, ErrorClass, ProviderState, ReconcilerRun, Status
 from core.outcomes import Outcome, ProviderCall
+from core.policy import Clock
 from core.providers.chain import RATE_LIMITED
 from core.providers.circuit import CLOSED, HALF_OPEN, OPEN, CircuitState
 
@@ -192,7 +193,6 @@ def serve_metrics(port: int, addr: str, registry: CollectorRegistry = REGISTRY) 
 # ---------------------------------------------------------------- database gauges (exporter)
 
 QueueDepth = Callable[[], tuple[int | None, int | None]]
-Clock = Callable[[], datetime]
 
 
 class DatabaseCollector(Collector):

@@ -54,7 +54,7 @@ from core.errors import (
 )
 from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
-from core.policy import utcnow
+from core.policy import Clock, utcnow
 from core.providers.base import (
     Accepted,
     BatchProvider,
@@ -69,7 +69,6 @@ from core.providers.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 RATE_LIMITED = "rate_limited"
 CIRCUIT_OPEN = "circuit_open"
 ERROR_LIMIT = 500
