@@ -35,9 +35,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import ScalarSelect, func, literal, select
 
+from core.claims import Claim
 from core.config import Settings
 from core.db import SessionFactory, session_scope
-from core.deliveries import Claim
 from core.health import count_stuck
 from core.models import Delivery, ErrorClass, ProviderState, ReconcilerRun, Status
 from core.outcomes import Outcome, ProviderCall

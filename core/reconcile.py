@@ -29,8 +29,9 @@ from sqlalchemy.exc import IntegrityError
 
 from core import alerts, health, notifications, webhooks
 from core.bootstrap import App
+from core.claims import recover_expired_lease
 from core.db import session_scope
-from core.deliveries import recover_expired_lease, requeue_delivery
+from core.deliveries import requeue_delivery
 from core.dispatch import Enqueuer, dispatch, dispatch_many
 from core.errors import CapsuleError, EnqueueError
 from core.locks import single_runner

@@ -16,17 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.bootstrap import App
+from core.claims import claim, recover_expired_lease
 from core.db import session_scope
-from core.deliveries import (
-    _transition,
-    cancel_delivery,
-    claim,
-    record_outcome,
-    recover_expired_lease,
-)
+from core.deliveries import _transition, cancel_delivery
 from core.errors import InvalidTransition
 from core.models import AuditEvent, Delivery, Status
 from core.outcomes import Outcome
+from core.recording import record_outcome
 from tests.integration.test_transitions import SOON, T0, balance, make_user, row, schedule
 
 LEASE = 60

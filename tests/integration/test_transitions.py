@@ -10,12 +10,11 @@ from sqlalchemy import func, select
 
 from core import credits
 from core.bootstrap import App
+from core.claims import claim
 from core.db import session_scope
 from core.deliveries import (
     cancel_delivery,
-    claim,
     create_user,
-    record_outcome,
     requeue_delivery,
     reschedule_delivery,
     schedule_delivery,
@@ -32,6 +31,7 @@ from core.errors import (
 )
 from core.models import AuditEvent, CreditEntry, Delivery, Letter, Notification, Status
 from core.outcomes import Outcome
+from core.recording import record_outcome
 from tests.conftest import T0, RecordingEnqueuer
 
 SOON = T0 + timedelta(minutes=10)  # within the default one-hour horizon
@@ -532,7 +532,7 @@ def test_transient_failure_retries_with_backoff_until_the_cap(app: App) -> None:
 
 
 def test_a_late_success_is_kept_even_after_the_lease_was_recovered(app: App) -> None:
-    from core.deliveries import recover_expired_lease
+    from core.claims import recover_expired_lease
 
     result = schedule(app, make_user(app))
     with session_scope(app.session_factory) as session:
@@ -558,7 +558,7 @@ def test_a_late_success_is_kept_even_after_the_lease_was_recovered(app: App) -> 
 
 
 def test_a_failure_from_a_run_that_lost_its_lease_is_discarded(app: App) -> None:
-    from core.deliveries import recover_expired_lease
+    from core.claims import recover_expired_lease
 
     result = schedule(app, make_user(app))
     with session_scope(app.session_factory) as session:

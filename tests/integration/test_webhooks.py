@@ -14,12 +14,14 @@ from sqlalchemy import func, select
 
 from core import webhooks
 from core.bootstrap import App
+from core.claims import claim
 from core.db import session_scope
-from core.deliveries import cancel_delivery, claim, create_user, record_outcome, schedule_delivery
+from core.deliveries import cancel_delivery, create_user, schedule_delivery
 from core.errors import InvalidTransition, ValidationError, WebhookPayloadError
 from core.models import AuditEvent, Delivery, Notification, Suppression, WebhookEvent
 from core.notifications import DELIVERY_BOUNCED
 from core.outcomes import Outcome, ProviderCall
+from core.recording import record_outcome
 from tests.conftest import T0, RecordingEnqueuer
 
 DEAD = "gone@old-isp.example"
