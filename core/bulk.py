@@ -614,8 +614,7 @@ def _requeue_one(
         # expected_version: the requeue's compare-and-set succeeds only on the very row
         # version that matched the filter, so a row that changed in between is skipped.
         requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
+            app,
             delivery_id,
             now=now,
             actor=actor,

@@ -3,9 +3,10 @@
     scheduled → processing → sent | failed        scheduled | failed | held → canceled
     processing → scheduled (retry, lease recovery)  failed → scheduled (requeue)
 
-Here: schedule, cancel, reschedule and requeue, each in its own transaction. The claim and
-the lease recovery are `core.claims`; the recording of a run's outcome is `core.recording`
-(deciding it: `core.outcomes.decide`); the checks on input are `core.validation`.
+Here: schedule, cancel, reschedule and requeue, each taking the app's dependencies (`Deps`)
+and running in its own transaction. The claim and the lease recovery are `core.claims`; the
+recording of a run's outcome is `core.recording` (deciding it: `core.outcomes.decide`); the
+checks on input are `core.validation`.
 
 Every transition is one transaction with its audit event (and attempt rows, credit entries,
 notification rows). Rows change only through compare-and-set updates on (id, status, version),
@@ -24,10 +25,9 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, credits
-from core.config import Settings
-from core.crypto import Keyring
-from core.db import SessionFactory, session_scope
-from core.dispatch import Enqueuer, dispatch, revoke_quietly
+from core.db import session_scope
+from core.deps import Deps
+from core.dispatch import dispatch, revoke_quietly
 from core.errors import DeliveryNotFound, InvalidTransition, UserNotFound
 from core.models import Delivery, Letter, Status, User
 from core.operators import validate_display_name
@@ -107,10 +107,7 @@ def create_user(session: Session, email: str, name: str, now: datetime, credit: 
 
 
 def schedule_delivery(
-    session_factory: SessionFactory,
-    enqueuer: Enqueuer,
-    keyring: Keyring,
-    settings: Settings,
+    deps: Deps,
     *,
     user_id: int,
     recipient: str,
@@ -126,12 +123,13 @@ def schedule_delivery(
     The row is committed before the broker is touched. Only a letter due within the dispatch
     horizon is enqueued; a broker failure is logged, not raised: the dispatcher finds the row.
     """
+    settings = deps.settings
     address = normalize_address(recipient)
     validate_deliver_at(deliver_at, now, settings.max_schedule_years)
     validate_letter(subject, body, settings.max_letter_bytes)
     letter_id, delivery_id = uuid.uuid4(), uuid.uuid4()
-    sealed = keyring.seal(letter_id, subject, body)
-    with session_scope(session_factory) as session:
+    sealed = deps.keyring.seal(letter_id, subject, body)
+    with session_scope(deps.session_factory) as session:
         if session.get(User, user_id) is None:
             raise UserNotFound(user_id)
         session.add(
@@ -173,13 +171,12 @@ def schedule_delivery(
         session.commit()
     task_id = None
     if within_horizon(deliver_at, now, settings.dispatch_horizon_seconds):
-        task_id = dispatch(session_factory, enqueuer, delivery_id, deliver_at, now)
+        task_id = dispatch(deps.session_factory, deps.enqueuer, delivery_id, deliver_at, now)
     return Scheduled(delivery_id, letter_id, deliver_at, task_id)
 
 
 def cancel_delivery(
-    session_factory: SessionFactory,
-    enqueuer: Enqueuer,
+    deps: Deps,
     delivery_id: uuid.UUID,
     *,
     now: datetime,
@@ -187,7 +184,7 @@ def cancel_delivery(
     reason: str | None = None,
 ) -> None:
     """scheduled | failed | held → canceled; refunds the credit and revokes the queued task."""
-    with session_scope(session_factory) as session:
+    with session_scope(deps.session_factory) as session:
         row = _load(session, delivery_id)
         old_task = row.task_id
         _not_waiting_for_a_batch(row, "cancel")
@@ -213,13 +210,11 @@ def cancel_delivery(
             data={"from": row.status, "refunded": refunded},
         )
         session.commit()
-    revoke_quietly(enqueuer, old_task)
+    revoke_quietly(deps.enqueuer, old_task)
 
 
 def reschedule_delivery(
-    session_factory: SessionFactory,
-    enqueuer: Enqueuer,
-    settings: Settings,
+    deps: Deps,
     delivery_id: uuid.UUID,
     deliver_at: datetime,
     *,
@@ -232,8 +227,9 @@ def reschedule_delivery(
     The task dispatched for the old time is revoked best effort; if it runs anyway, the claim
     checks the row's new due time and finds nothing to claim.
     """
+    settings = deps.settings
     validate_deliver_at(deliver_at, now, settings.max_schedule_years)
-    with session_scope(session_factory) as session:
+    with session_scope(deps.session_factory) as session:
         row = _load(session, delivery_id)
         old_task, old_time = row.task_id, row.deliver_at
         _not_waiting_for_a_batch(row, "reschedule")
@@ -258,15 +254,14 @@ def reschedule_delivery(
             data={"from": old_time.isoformat(), "to": deliver_at.isoformat()},
         )
         session.commit()
-    revoke_quietly(enqueuer, old_task)
+    revoke_quietly(deps.enqueuer, old_task)
     if within_horizon(deliver_at, now, settings.dispatch_horizon_seconds):
-        return dispatch(session_factory, enqueuer, delivery_id, deliver_at, now)
+        return dispatch(deps.session_factory, deps.enqueuer, delivery_id, deliver_at, now)
     return None
 
 
 def requeue_delivery(
-    session_factory: SessionFactory,
-    enqueuer: Enqueuer,
+    deps: Deps,
     delivery_id: uuid.UUID,
     *,
     now: datetime,
@@ -280,7 +275,7 @@ def requeue_delivery(
     A credit refunded on a permanent failure is reserved again (InsufficientCredit if none).
     `expected_version`: refuse unless the row is still the version the caller examined.
     """
-    with session_scope(session_factory) as session:
+    with session_scope(deps.session_factory) as session:
         row = _load(session, delivery_id)
         if expected_version is not None and row.version != expected_version:
             raise InvalidTransition(
@@ -307,4 +302,4 @@ def requeue_delivery(
             session, event, actor=actor, now=now, delivery_id=row.id, reason=reason, data=previous
         )
         session.commit()
-    return dispatch(session_factory, enqueuer, delivery_id, now, now)
+    return dispatch(deps.session_factory, deps.enqueuer, delivery_id, now, now)

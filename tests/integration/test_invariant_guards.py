@@ -119,8 +119,7 @@ def test_a_late_success_never_revives_a_canceled_letter(app: App) -> None:
     slow = _claim(app, result.delivery_id, "slow")
     _recover(app, result.delivery_id, SOON + timedelta(seconds=LEASE + 1))
     cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
+        app,
         result.delivery_id,
         now=SOON + timedelta(seconds=LEASE + 2),
         actor="ada",

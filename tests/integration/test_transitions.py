@@ -56,7 +56,7 @@ def schedule(app: App, owner: int, at=SOON, **overrides):
         actor="ada@example.com",
     )
     args.update(overrides)
-    return schedule_delivery(app.session_factory, app.enqueuer, app.keyring, app.settings, **args)
+    return schedule_delivery(app, **args)
 
 
 def row(app: App, delivery_id: uuid.UUID) -> Delivery:
@@ -206,12 +206,7 @@ def test_cancel_refunds_revokes_and_audits(app: App, enqueuer: RecordingEnqueuer
     result = schedule(app, user_id)
 
     cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=T0,
-        actor="ada@example.com",
-        reason="changed my mind",
+        app, result.delivery_id, now=T0, actor="ada@example.com", reason="changed my mind"
     )
 
     stored = row(app, result.delivery_id)
@@ -224,14 +219,10 @@ def test_cancel_refunds_revokes_and_audits(app: App, enqueuer: RecordingEnqueuer
 def test_cancel_twice_is_an_invalid_transition_and_refunds_once(app: App) -> None:
     user_id = make_user(app)
     result = schedule(app, user_id)
-    cancel_delivery(
-        app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-    )
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     with pytest.raises(InvalidTransition, match="canceled"):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-        )
+        cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     assert balance(app, user_id) == 3
 
@@ -244,22 +235,8 @@ def test_cancel_a_failed_delivery_refunds_only_what_it_still_holds(app: App) -> 
     fail(app, permanent.delivery_id, "permanent")  # refunded on failure
     assert balance(app, user_id) == 2
 
-    cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        transient.delivery_id,
-        now=SOON,
-        actor="support",
-        reason="x",
-    )
-    cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        permanent.delivery_id,
-        now=SOON,
-        actor="support",
-        reason="x",
-    )
+    cancel_delivery(app, transient.delivery_id, now=SOON, actor="support", reason="x")
+    cancel_delivery(app, permanent.delivery_id, now=SOON, actor="support", reason="x")
 
     assert balance(app, user_id) == 3
 
@@ -268,9 +245,7 @@ def test_cancel_survives_a_dead_broker(app: App, enqueuer: RecordingEnqueuer) ->
     result = schedule(app, make_user(app))
     enqueuer.fail = True
 
-    cancel_delivery(
-        app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-    )
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     assert row(app, result.delivery_id).status == Status.CANCELED
 
@@ -292,21 +267,15 @@ def test_cancel_refuses_processing_and_sent(app: App, status: Status) -> None:
         session.commit()
 
     with pytest.raises(InvalidTransition, match=str(status)):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, result.delivery_id, now=SOON, actor="ada", reason="x"
-        )
+        cancel_delivery(app, result.delivery_id, now=SOON, actor="ada", reason="x")
     assert row(app, result.delivery_id).status == status
 
 
 def test_unknown_delivery_is_not_found(app: App) -> None:
     with pytest.raises(DeliveryNotFound):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, uuid.uuid4(), now=T0, actor="ada", reason="x"
-        )
+        cancel_delivery(app, uuid.uuid4(), now=T0, actor="ada", reason="x")
     with pytest.raises(DeliveryNotFound):
-        requeue_delivery(
-            app.session_factory, app.enqueuer, uuid.uuid4(), now=T0, actor="ada", reason="x"
-        )
+        requeue_delivery(app, uuid.uuid4(), now=T0, actor="ada", reason="x")
 
 
 # ---------------------------------------------------------------- reschedule and claim
@@ -322,14 +291,7 @@ def test_after_a_reschedule_a_claim_by_the_old_dispatch_finds_nothing(
 
     # When it is moved a week later
     new_task = reschedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.settings,
-        result.delivery_id,
-        SOON + timedelta(days=7),
-        now=T0,
-        actor="ada",
-        reason="busy week",
+        app, result.delivery_id, SOON + timedelta(days=7), now=T0, actor="ada", reason="busy week"
     )
 
     # Then the old task, waking at SOON, cannot claim it, and nothing new is queued yet
@@ -349,15 +311,7 @@ def test_reschedule_sooner_dispatches_for_the_new_time(
     result = schedule(app, make_user(app), at=LATER)
     target = T0 + timedelta(minutes=5)
 
-    task_id = reschedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.settings,
-        result.delivery_id,
-        target,
-        now=T0,
-        actor="ada",
-    )
+    task_id = reschedule_delivery(app, result.delivery_id, target, now=T0, actor="ada")
 
     assert task_id and enqueuer.enqueued[-1][1] == target
     assert row(app, result.delivery_id).task_id == task_id
@@ -366,26 +320,10 @@ def test_reschedule_sooner_dispatches_for_the_new_time(
 def test_reschedule_into_the_past_or_of_a_canceled_delivery_is_refused(app: App) -> None:
     result = schedule(app, make_user(app))
     with pytest.raises(InvalidDeliveryTime):
-        reschedule_delivery(
-            app.session_factory,
-            app.enqueuer,
-            app.settings,
-            result.delivery_id,
-            T0 - timedelta(hours=1),
-            now=T0,
-            actor="ada",
-        )
-    cancel_delivery(app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada")
+        reschedule_delivery(app, result.delivery_id, T0 - timedelta(hours=1), now=T0, actor="ada")
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada")
     with pytest.raises(InvalidTransition):
-        reschedule_delivery(
-            app.session_factory,
-            app.enqueuer,
-            app.settings,
-            result.delivery_id,
-            LATER,
-            now=T0,
-            actor="ada",
-        )
+        reschedule_delivery(app, result.delivery_id, LATER, now=T0, actor="ada")
 
 
 def test_claim_is_a_compare_and_set_only_one_of_two_tasks_wins(app: App) -> None:
@@ -416,7 +354,7 @@ def test_claim_is_a_compare_and_set_only_one_of_two_tasks_wins(app: App) -> None
 
 def test_a_canceled_delivery_cannot_be_claimed(app: App) -> None:
     result = schedule(app, make_user(app))
-    cancel_delivery(app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada")
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada")
     with session_scope(app.session_factory) as session:
         assert (
             claim(session, result.delivery_id, result.task_id or "t", now=SOON, lease_seconds=60)
@@ -436,12 +374,7 @@ def test_requeue_failed_reserves_again_after_a_refund_and_stores_the_new_task(
     assert balance(app, user_id) == 1
 
     task_id = requeue_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=SOON,
-        actor="support@capsule",
-        reason="address fixed",
+        app, result.delivery_id, now=SOON, actor="support@capsule", reason="address fixed"
     )
 
     stored = row(app, result.delivery_id)
@@ -455,14 +388,7 @@ def test_requeue_failed_reserves_again_after_a_refund_and_stores_the_new_task(
 def test_requeue_refuses_anything_but_failed(app: App) -> None:
     result = schedule(app, make_user(app))
     with pytest.raises(InvalidTransition, match="scheduled"):
-        requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=T0,
-            actor="support",
-            reason="x",
-        )
+        requeue_delivery(app, result.delivery_id, now=T0, actor="support", reason="x")
 
 
 def test_requeue_without_credit_after_a_refund_is_refused_and_changes_nothing(app: App) -> None:
@@ -472,14 +398,7 @@ def test_requeue_without_credit_after_a_refund_is_refused_and_changes_nothing(ap
     schedule(app, user_id)  # spends the refunded credit
 
     with pytest.raises(InsufficientCredit):
-        requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=SOON,
-            actor="support",
-            reason="x",
-        )
+        requeue_delivery(app, result.delivery_id, now=SOON, actor="support", reason="x")
     assert row(app, result.delivery_id).status == Status.FAILED
 
 
@@ -591,22 +510,10 @@ def test_requeue_with_a_stale_expected_version_is_refused(app: App) -> None:
 
     with pytest.raises(InvalidTransition, match="changed since it was checked"):
         requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=SOON,
-            actor="ops",
-            reason="x",
-            expected_version=seen - 1,
+            app, result.delivery_id, now=SOON, actor="ops", reason="x", expected_version=seen - 1
         )
     requeue_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=SOON,
-        actor="ops",
-        reason="x",
-        expected_version=seen,
+        app, result.delivery_id, now=SOON, actor="ops", reason="x", expected_version=seen
     )
     assert row(app, result.delivery_id).status == Status.SCHEDULED
 
