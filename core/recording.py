@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -123,26 +123,147 @@ def write_outcomes(
     if attempts:
         # One multi-row INSERT: the ORM unit of work is costly on this hot path.
         session.execute(insert(DeliveryAttempt), attempts)
-    events: list[dict[str, Any]] = []
-    recorded = [_write_one(session, c, o, d, now, events) for c, o, d in decided]
-    if events:
-        session.execute(insert(AuditEvent), events)
+    writer = _Writer(session, now)
+    recorded = [writer.write(c, o, d) for c, o, d in decided]
+    if writer.events:
+        session.execute(insert(AuditEvent), writer.events)
     return recorded
 
 
-def _write_one(
-    session: Session,
-    claimed: Claim,
-    outcome: Outcome,
-    decision: Decision,
-    now: datetime,
-    events: list[dict[str, Any]],
-) -> Recorded:
-    if decision.action == SENT:
-        return _write_sent(session, claimed, outcome, now, events)
-    if decision.action in (RETRY, DEFER):
-        return _write_retry(session, claimed, outcome, decision, now, events)
-    return _write_failed(session, claimed, outcome, decision, now, events)
+@dataclass
+class _Writer:
+    """One transaction's row updates; the audit events are collected for one INSERT."""
+
+    session: Session
+    now: datetime
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self, claimed: Claim, outcome: Outcome, decision: Decision) -> Recorded:
+        if decision.action == SENT:
+            return self.sent(claimed, outcome)
+        if decision.action in (RETRY, DEFER):
+            return self.retry(claimed, outcome, decision)
+        return self.failed(claimed, outcome, decision)
+
+    def sent(self, claimed: Claim, outcome: Outcome) -> Recorded:
+        result = self.session.execute(
+            update(Delivery)
+            .execution_options(synchronize_session=False)
+            .where(
+                Delivery.id == claimed.delivery_id,
+                Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),
+            )
+            .values(
+                status=Status.SENT,
+                sent_at=self.now,
+                provider=outcome.provider,
+                provider_message_id=outcome.provider_message_id,
+                error_class=None,
+                last_error=None,
+                **_common(self.now),
+            )
+        )
+        status: str | None = Status.SENT if _changed(result) else None
+        event = "delivery.sent" if status else "delivery.outcome_discarded"
+        self.event(event, claimed, {**_data(claimed), "provider": outcome.provider})
+        return Recorded(status)
+
+    def retry(self, claimed: Claim, outcome: Outcome, decision: Decision) -> Recorded:
+        deferred = decision.action == DEFER
+        next_at = decision.next_attempt_at
+        assert next_at is not None
+        changed = self.update_ours(
+            claimed,
+            status=Status.SCHEDULED,
+            next_attempt_at=next_at,
+            task_id=None,
+            dispatched_at=None,
+            error_class=outcome.error_class,
+            last_error=outcome.error,
+            pinned_provider=outcome.pinned_provider,
+            round_attempts=Delivery.round_attempts - (1 if deferred else 0),
+            batch_id=claimed.batch_id if outcome.keep_batch else None,
+            attempt_count=Delivery.attempt_count - (1 if decision.uncounted else 0),
+        )
+        if not changed:
+            return self.discarded(claimed, outcome)
+        self.event(
+            "delivery.deferred" if deferred else "delivery.retry_scheduled",
+            claimed,
+            {
+                **_data(claimed),
+                "error_class": outcome.error_class,
+                "next_attempt_at": next_at.isoformat(),
+            },
+            reason=outcome.error,
+        )
+        return Recorded(Status.SCHEDULED, next_attempt_at=next_at)
+
+    def failed(self, claimed: Claim, outcome: Outcome, decision: Decision) -> Recorded:
+        failed_class = decision.error_class
+        changed = self.update_ours(
+            claimed,
+            status=Status.FAILED,
+            failed_at=self.now,
+            task_id=None,
+            error_class=failed_class,
+            last_error=outcome.error,
+            pinned_provider=outcome.pinned_provider,
+            batch_id=None,
+        )
+        if not changed:
+            return self.discarded(claimed, outcome)
+        refunded = False
+        if outcome.error_class == ErrorClass.PERMANENT:
+            refunded = credits.refund(self.session, claimed.user_id, claimed.delivery_id, self.now)
+        self.event(
+            "delivery.failed",
+            claimed,
+            {**_data(claimed), "error_class": failed_class, "refunded": refunded},
+            reason=outcome.error,
+        )
+        notify = notifications.request(
+            self.session,
+            claimed.delivery_id,
+            claimed.user_id,
+            claimed.idempotency_key,
+            requested_by=audit.SYSTEM,
+            now=self.now,
+        )
+        return Recorded(Status.FAILED, notify=notify)
+
+    def update_ours(self, claimed: Claim, **values: Any) -> bool:
+        """The compare-and-set of a retry, a deferral or a failure: True if the row was ours."""
+        result = self.session.execute(
+            update(Delivery)
+            .execution_options(synchronize_session=False)
+            .where(*_ours(claimed))
+            .values(**values, **_common(self.now))
+        )
+        return _changed(result)
+
+    def discarded(self, claimed: Claim, outcome: Outcome) -> Recorded:
+        self.event(
+            "delivery.outcome_discarded",
+            claimed,
+            {**_data(claimed), "error_class": outcome.error_class},
+            reason=outcome.error,
+        )
+        return Recorded(None)
+
+    def event(
+        self, type: str, claimed: Claim, data: dict[str, Any], reason: str | None = None
+    ) -> None:
+        self.events.append(
+            {
+                "type": type,
+                "actor": audit.SYSTEM,
+                "delivery_id": claimed.delivery_id,
+                "reason": reason,
+                "data": data,
+                "created_at": self.now,
+            }
+        )
 
 
 def _ours(claimed: Claim) -> tuple[ColumnElement[bool], ...]:
@@ -167,165 +288,5 @@ def _data(claimed: Claim) -> dict[str, Any]:
     return data
 
 
-def _write_sent(
-    session: Session,
-    claimed: Claim,
-    outcome: Outcome,
-    now: datetime,
-    events: list[dict[str, Any]],
-) -> Recorded:
-    result = session.execute(
-        update(Delivery)
-        .execution_options(synchronize_session=False)
-        .where(
-            Delivery.id == claimed.delivery_id,
-            Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),
-        )
-        .values(
-            status=Status.SENT,
-            sent_at=now,
-            provider=outcome.provider,
-            provider_message_id=outcome.provider_message_id,
-            error_class=None,
-            last_error=None,
-            **_common(now),
-        )
-    )
-    status: str | None = Status.SENT if _changed(result) else None
-    event = "delivery.sent" if status else "delivery.outcome_discarded"
-    _event(events, event, claimed, now, {**_data(claimed), "provider": outcome.provider})
-    return Recorded(status)
-
-
-def _write_retry(
-    session: Session,
-    claimed: Claim,
-    outcome: Outcome,
-    decision: Decision,
-    now: datetime,
-    events: list[dict[str, Any]],
-) -> Recorded:
-    deferred = decision.action == DEFER
-    next_at = decision.next_attempt_at
-    assert next_at is not None
-    result = session.execute(
-        update(Delivery)
-        .execution_options(synchronize_session=False)
-        .where(*_ours(claimed))
-        .values(
-            status=Status.SCHEDULED,
-            next_attempt_at=next_at,
-            task_id=None,
-            dispatched_at=None,
-            error_class=outcome.error_class,
-            last_error=outcome.error,
-            pinned_provider=outcome.pinned_provider,
-            round_attempts=Delivery.round_attempts - (1 if deferred else 0),
-            batch_id=claimed.batch_id if outcome.keep_batch else None,
-            attempt_count=Delivery.attempt_count - (1 if decision.uncounted else 0),
-            **_common(now),
-        )
-    )
-    data = _data(claimed)
-    if not _changed(result):
-        return _discarded(claimed, outcome, now, data, events)
-    _event(
-        events,
-        "delivery.deferred" if deferred else "delivery.retry_scheduled",
-        claimed,
-        now,
-        {**data, "error_class": outcome.error_class, "next_attempt_at": next_at.isoformat()},
-        reason=outcome.error,
-    )
-    return Recorded(Status.SCHEDULED, next_attempt_at=next_at)
-
-
-def _write_failed(
-    session: Session,
-    claimed: Claim,
-    outcome: Outcome,
-    decision: Decision,
-    now: datetime,
-    events: list[dict[str, Any]],
-) -> Recorded:
-    failed_class = decision.error_class
-    result = session.execute(
-        update(Delivery)
-        .execution_options(synchronize_session=False)
-        .where(*_ours(claimed))
-        .values(
-            status=Status.FAILED,
-            failed_at=now,
-            task_id=None,
-            error_class=failed_class,
-            last_error=outcome.error,
-            pinned_provider=outcome.pinned_provider,
-            batch_id=None,
-            **_common(now),
-        )
-    )
-    data = _data(claimed)
-    if not _changed(result):
-        return _discarded(claimed, outcome, now, data, events)
-    refunded = False
-    if outcome.error_class == ErrorClass.PERMANENT:
-        refunded = credits.refund(session, claimed.user_id, claimed.delivery_id, now)
-    _event(
-        events,
-        "delivery.failed",
-        claimed,
-        now,
-        {**data, "error_class": failed_class, "refunded": refunded},
-        reason=outcome.error,
-    )
-    notify = notifications.request(
-        session,
-        claimed.delivery_id,
-        claimed.user_id,
-        claimed.idempotency_key,
-        requested_by=audit.SYSTEM,
-        now=now,
-    )
-    return Recorded(Status.FAILED, notify=notify)
-
-
 def _changed(result: Any) -> bool:
     return bool(result.rowcount == 1)
-
-
-def _event(
-    events: list[dict[str, Any]],
-    type: str,
-    claimed: Claim,
-    now: datetime,
-    data: dict[str, Any],
-    reason: str | None = None,
-) -> None:
-    events.append(
-        {
-            "type": type,
-            "actor": audit.SYSTEM,
-            "delivery_id": claimed.delivery_id,
-            "reason": reason,
-            "data": data,
-            "created_at": now,
-        }
-    )
-
-
-def _discarded(
-    claimed: Claim,
-    outcome: Outcome,
-    now: datetime,
-    data: dict[str, Any],
-    events: list[dict[str, Any]],
-) -> Recorded:
-    _event(
-        events,
-        "delivery.outcome_discarded",
-        claimed,
-        now,
-        {**data, "error_class": outcome.error_class},
-        reason=outcome.error,
-    )
-    return Recorded(None)

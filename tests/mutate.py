@@ -124,7 +124,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "record-sent-status",
         "core/recording.py",
-        "            Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),\n",
+        "                Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),\n",
         "",
         (
             f"{INVARIANTS}::test_a_late_success_never_revives_a_canceled_letter",
@@ -396,8 +396,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "refund-on-permanent",
         "core/recording.py",
-        "    if outcome.error_class == ErrorClass.PERMANENT:\n        refunded = credits.refund(",
-        "    if False:\n        refunded = credits.refund(",
+        "        if outcome.error_class == ErrorClass.PERMANENT:\n            refunded = credits.refund(",
+        "        if False:\n            refunded = credits.refund(",
         (f"{TRANSITIONS}::test_permanent_failure_refunds_and_queues_one_owner_notification",),
         "a permanent failure keeps the owner's credit",
     ),
