@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.deliveries import Claim
+from core.claims import Claim
 from core.models import BatchState, Delivery, DeliveryBatch, ErrorClass, Status
 from core.policy import lease_until
 from core.webhooks import suppressed

@@ -47,6 +47,7 @@ from core.failed_filter import FailedFilter, count_by_provider, failed_condition
 from core.locks import lock_key
 from core.models import BulkOperation, CreditEntry, Delivery, ErrorClass
 from core.operators import Operator, Role, require
+from core.policy import Clock
 from core.triage import required_reason
 
 if TYPE_CHECKING:  # the console's read models bring pandas, which the runner never needs
@@ -63,7 +64,6 @@ DEFAULT_RATE_PER_SECOND = 5.0
 BATCH_SIZE = 100
 STALE_AFTER = timedelta(minutes=5)  # a running operation silent this long is presumed dead
 
-Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 Enqueue = Callable[[int], str]
 
@@ -621,8 +621,7 @@ def _requeue_one(
         # expected_version: the requeue's compare-and-set succeeds only on the very row
         # version that matched the filter, so a row that changed in between is skipped.
         requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
+            app,
             delivery_id,
             now=now,
             actor=actor,

@@ -35,12 +35,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import ScalarSelect, func, literal, select
 
+from core.claims import Claim
 from core.config import Settings
 from core.db import SessionFactory, session_scope
-from core.deliveries import Claim
 from core.health import count_stuck
 from core.models import Delivery, ErrorClass, ProviderState, ReconcilerRun, Status
 from core.outcomes import Outcome, ProviderCall
+from core.policy import Clock
 from core.providers.chain import RATE_LIMITED
 from core.providers.circuit import CLOSED, HALF_OPEN, OPEN, CircuitState
 
@@ -192,7 +193,6 @@ def serve_metrics(port: int, addr: str, registry: CollectorRegistry = REGISTRY) 
 # ---------------------------------------------------------------- database gauges (exporter)
 
 QueueDepth = Callable[[], tuple[int | None, int | None]]
-Clock = Callable[[], datetime]
 
 
 class DatabaseCollector(Collector):

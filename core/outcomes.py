@@ -9,7 +9,7 @@ what the row should become: `decide` is the pure half of recording an outcome.
         otherwise                              → fail (ambiguous if it was pinned)
 
 The writes (compare-and-set on the row, attempt rows, audit, refund, owner notice) are
-`core.deliveries.record_outcomes`, one transaction for a whole batch.
+`core.recording.record_outcomes`, one transaction for a whole batch.
 """
 
 from __future__ import annotations

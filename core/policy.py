@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from core.errors import InvalidDeliveryTime
+
+# Where core reads the time more than once in one call (after a send, a batch): `utcnow` in
+# production, a test's hand-moved time otherwise.
+Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:

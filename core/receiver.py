@@ -24,7 +24,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -37,12 +36,12 @@ from starlette.routing import Route
 from core import webhooks
 from core.db import session_scope
 from core.errors import WebhookPayloadError
+from core.policy import Clock
 
 if TYPE_CHECKING:
     from core.bootstrap import App
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], datetime]
 
 
 class Counters:

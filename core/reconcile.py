@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
@@ -29,8 +29,9 @@ from sqlalchemy.exc import IntegrityError
 
 from core import alerts, health, notifications, webhooks
 from core.bootstrap import App
+from core.claims import recover_expired_lease
 from core.db import session_scope
-from core.deliveries import recover_expired_lease, requeue_delivery
+from core.deliveries import requeue_delivery
 from core.dispatch import Enqueuer, dispatch, dispatch_many
 from core.errors import CapsuleError, EnqueueError
 from core.locks import single_runner
@@ -261,7 +262,8 @@ def run_failed_retrier(app: App, *, now: datetime, enqueuer: Enqueuer | None = N
     Permanent, ambiguous and "possibly sent" failures, and unreadable letters, are never
     retried here.
     """
-    enqueuer = enqueuer or app.enqueuer
+    # The inline reconcile passes its own enqueuer: the same app, another broker seam.
+    deps = replace(app, enqueuer=enqueuer) if enqueuer else app
     settings = app.settings
     report = RunReport(FAILED_RETRIER)
     with session_scope(app.session_factory) as session:
@@ -282,8 +284,7 @@ def run_failed_retrier(app: App, *, now: datetime, enqueuer: Enqueuer | None = N
         report.found += 1
         try:
             requeue_delivery(
-                app.session_factory,
-                enqueuer,
+                deps,
                 delivery_id,
                 now=now,
                 actor=FAILED_RETRIER,

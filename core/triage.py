@@ -67,8 +67,7 @@ def requeue(
     """Send a failed delivery again now; returns the new task id (None if the broker is down)."""
     require(operator, Role.SUPPORT, ACTIONS[REQUEUE])
     return requeue_delivery(
-        app.session_factory,
-        app.enqueuer,
+        app,
         delivery_id,
         now=now,
         actor=operator.identity,
@@ -82,8 +81,7 @@ def cancel(
     """Cancel a failed (or still scheduled) delivery and refund its credit."""
     require(operator, Role.SUPPORT, ACTIONS[CANCEL])
     cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
+        app,
         delivery_id,
         now=now,
         actor=operator.identity,

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from core import audit, notifications
 from core.db import SessionFactory, session_scope
-from core.deliveries import _load, _transition, normalize_address
+from core.deliveries import _load, _transition
 from core.dispatch import Enqueuer, dispatch
 from core.errors import InvalidTransition, ValidationError, WebhookPayloadError
 from core.models import (
@@ -49,6 +49,7 @@ from core.models import (
     SuppressionReason,
     WebhookEvent,
 )
+from core.validation import normalize_address
 
 if TYPE_CHECKING:
     from core.bootstrap import App

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -31,18 +31,18 @@ from sqlalchemy.orm import Session
 from core import batches, metrics, notifications
 from core.batches import Batch
 from core.bootstrap import App
+from core.claims import Claim, claim
 from core.db import retry_db, session_scope
-from core.deliveries import Claim, Recorded, claim, record_outcome, record_outcomes
 from core.dispatch import dispatch, revoke_quietly
 from core.errors import CryptoError, UnknownKeyId
 from core.models import BatchState, Delivery, ErrorClass, Letter, Status
 from core.outcomes import Outcome
-from core.policy import utcnow, within_horizon
+from core.policy import Clock, utcnow, within_horizon
 from core.providers.base import BatchProvider, Email, batch_limit
+from core.recording import Recorded, record_outcome, record_outcomes
 from core.webhooks import hold_if_suppressed
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], datetime]
 
 
 @dataclass

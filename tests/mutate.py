@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------ invariant 1: claim before send
     Mutant(
         "claim-status",
-        "core/deliveries.py",
+        "core/claims.py",
         "            Delivery.id == delivery_id,\n"
         "            Delivery.status == Status.SCHEDULED,\n"
         "            Delivery.next_attempt_at <= now,\n",
@@ -75,7 +75,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "claim-due",
-        "core/deliveries.py",
+        "core/claims.py",
         "            Delivery.status == Status.SCHEDULED,\n"
         "            Delivery.next_attempt_at <= now,\n"
         "        )\n"
@@ -93,7 +93,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "claim-version",
-        "core/deliveries.py",
+        "core/claims.py",
         "            round_attempts=Delivery.round_attempts + 1,\n"
         "            version=Delivery.version + 1,\n",
         "            round_attempts=Delivery.round_attempts + 1,\n",
@@ -103,7 +103,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------ record_outcome's compare-and-set
     Mutant(
         "record-ours-task",
-        "core/deliveries.py",
+        "core/recording.py",
         "        Delivery.status == Status.PROCESSING,\n"
         "        Delivery.task_id == claimed.task_id,\n"
         "    )\n",
@@ -113,7 +113,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "record-ours-status",
-        "core/deliveries.py",
+        "core/recording.py",
         "        Delivery.id == claimed.delivery_id,\n"
         "        Delivery.status == Status.PROCESSING,\n"
         "        Delivery.task_id == claimed.task_id,\n",
@@ -123,7 +123,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "record-sent-status",
-        "core/deliveries.py",
+        "core/recording.py",
         "                Delivery.status.in_([Status.PROCESSING, Status.SCHEDULED]),\n",
         "",
         (
@@ -208,7 +208,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "settle-window-lease",
-        "core/deliveries.py",
+        "core/claims.py",
         "        ambiguous_at = _lease_recovered_at(session, delivery_id)\n",
         "        ambiguous_at = None\n",
         (f"{SETTLE}::test_a_recovered_lease_waits_for_the_search_before_sending_anywhere",),
@@ -216,7 +216,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "settle-window-since",
-        "core/deliveries.py",
+        "core/claims.py",
         "        ambiguous_at = _last_ambiguous_call(session, delivery_id, row.pinned_provider)\n",
         "        ambiguous_at = None\n",
         (
@@ -395,9 +395,9 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------ invariant 5: credits
     Mutant(
         "refund-on-permanent",
-        "core/deliveries.py",
-        "    if outcome.error_class == ErrorClass.PERMANENT:\n        refunded = credits.refund(",
-        "    if False:\n        refunded = credits.refund(",
+        "core/recording.py",
+        "        if outcome.error_class == ErrorClass.PERMANENT:\n            refunded = credits.refund(",
+        "        if False:\n            refunded = credits.refund(",
         (f"{TRANSITIONS}::test_permanent_failure_refunds_and_queues_one_owner_notification",),
         "a permanent failure keeps the owner's credit",
     ),

@@ -54,15 +54,21 @@ from core.errors import (
 )
 from core.models import ErrorClass
 from core.outcomes import Outcome, ProviderCall
-from core.policy import utcnow
-from core.providers.base import Accepted, BatchProvider, Email, Provider, batch_limit
+from core.policy import Clock, utcnow
+from core.providers.base import (
+    Accepted,
+    BatchProvider,
+    BatchResult,
+    Email,
+    Provider,
+    batch_limit,
+)
 from core.providers.circuit import OPEN, CircuitBreaker
 from core.providers.http import short
 from core.providers.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 RATE_LIMITED = "rate_limited"
 CIRCUIT_OPEN = "circuit_open"
 ERROR_LIMIT = 500
@@ -264,18 +270,8 @@ class ProviderChain:
         """
         provider = self._by_name.get(name)
         run = _Run(emails[0], now, clock, self._batch_wait)
-        sticky = name if replay else None
         if provider is None or batch_limit(provider) < len(emails):
-            why = f"batch provider {name} is not configured for batches of {len(emails)}"
-            return [
-                Outcome(
-                    ErrorClass.AMBIGUOUS if replay else ErrorClass.TRANSIENT,
-                    error=why,
-                    pinned_provider=sticky,
-                    keep_batch=replay,
-                )
-                for _ in emails
-            ]
+            return _not_configured(name, len(emails), replay=replay)
         gate = self._gate(provider, run)
         if gate is not None:
             return self._batch_failed(run, gate, len(emails), deferred=True, replay=replay)
@@ -284,19 +280,7 @@ class ProviderChain:
         try:
             results = provider.send_batch(emails, key)  # type: ignore[attr-defined]
         except ProviderError as exc:
-            run.record(provider.name, exc.error_class, started, error=exc)
-            self._count(provider.name, exc, run)
-            log.warning(
-                "batch of %d via %s failed (%s): %s", len(emails), name, exc.error_class, exc
-            )
-            deferred = exc.status_code == 429
-            if deferred and exc.retry_after and self.limiter is not None:
-                pause = getattr(self.limiter, "pause", None)
-                if pause is not None:
-                    pause(name, exc.retry_after)
-            return self._batch_failed(
-                run, exc, len(emails), deferred=deferred, replay=replay, provider=provider
-            )
+            return self._batch_refused(provider, run, exc, started, len(emails), replay=replay)
         except Exception as exc:
             log.exception("batch via %s raised unexpectedly", name)
             # The type only: the text of an error we did not write may quote the letter.
@@ -305,46 +289,32 @@ class ProviderChain:
             self._count(provider.name, error, run)
             return self._batch_failed(run, error, len(emails), replay=replay, provider=provider)
         self._succeeded(provider.name, run)
-        t0 = started[1]
-        duration = int(round((time.perf_counter() - t0) * 1000))
-        outcomes = []
-        for result in results:
-            if isinstance(result, Accepted):
-                call = ProviderCall(
-                    name,
-                    "accepted",
-                    started[0],
-                    duration,
-                    status_code=result.status_code,
-                    provider_message_id=result.message_id,
-                )
-                outcomes.append(
-                    Outcome(
-                        None, calls=[call], provider=name, provider_message_id=result.message_id
-                    )
-                )
-                continue
-            call = ProviderCall(
-                name,
-                result.error_class,
-                started[0],
-                duration,
-                status_code=result.status_code,
-                error_code=result.error_code,
-                message=short(str(result).removeprefix(f"{name}: ")),
-            )
-            ambiguous = isinstance(result, AmbiguousProviderError)
-            outcomes.append(
-                Outcome(
-                    result.error_class,
-                    calls=[call],
-                    error=short(str(result), ERROR_LIMIT),
-                    retry_after=result.retry_after,
-                    pinned_provider=name if ambiguous or replay else None,
-                    keep_batch=replay,
-                )
-            )
-        return outcomes
+        return _batch_answers(name, results, started, replay=replay)
+
+    def _batch_refused(
+        self,
+        provider: Provider,
+        run: _Run,
+        exc: ProviderError,
+        started: tuple[datetime, float],
+        count: int,
+        *,
+        replay: bool,
+    ) -> list[Outcome]:
+        """The call failed as a whole with an error of the provider's: a 429 defers every
+        letter (no attempt spent) and pauses the shared rate limit for its Retry-After."""
+        name = provider.name
+        run.record(name, exc.error_class, started, error=exc)
+        self._count(name, exc, run)
+        log.warning("batch of %d via %s failed (%s): %s", count, name, exc.error_class, exc)
+        deferred = exc.status_code == 429
+        if deferred and exc.retry_after and self.limiter is not None:
+            pause = getattr(self.limiter, "pause", None)
+            if pause is not None:
+                pause(name, exc.retry_after)
+        return self._batch_failed(
+            run, exc, count, deferred=deferred, replay=replay, provider=provider
+        )
 
     def _batch_failed(
         self,
@@ -522,3 +492,65 @@ class ProviderChain:
     def _succeeded(self, name: str, run: _Run) -> None:
         if self.breaker is not None:
             self.breaker.record_success(name, now=run.now)
+
+
+def _not_configured(name: str, count: int, *, replay: bool) -> list[Outcome]:
+    """A batch for a provider that is not configured for it (any more): sent nowhere. A replay
+    stays pinned and in its batch, as its first call may have stored it."""
+    why = f"batch provider {name} is not configured for batches of {count}"
+    return [
+        Outcome(
+            ErrorClass.AMBIGUOUS if replay else ErrorClass.TRANSIENT,
+            error=why,
+            pinned_provider=name if replay else None,
+            keep_batch=replay,
+        )
+        for _ in range(count)
+    ]
+
+
+def _batch_answers(
+    name: str, results: BatchResult, started: tuple[datetime, float], *, replay: bool
+) -> list[Outcome]:
+    """Each letter's own answer in a batch call the provider answered, in order."""
+    started_at, t0 = started
+    duration = int(round((time.perf_counter() - t0) * 1000))
+    return [_batch_answer(name, result, started_at, duration, replay=replay) for result in results]
+
+
+def _batch_answer(
+    name: str,
+    result: Accepted | ProviderError,
+    started_at: datetime,
+    duration: int,
+    *,
+    replay: bool,
+) -> Outcome:
+    if isinstance(result, Accepted):
+        call = ProviderCall(
+            name,
+            "accepted",
+            started_at,
+            duration,
+            status_code=result.status_code,
+            provider_message_id=result.message_id,
+        )
+        return Outcome(None, calls=[call], provider=name, provider_message_id=result.message_id)
+    call = ProviderCall(
+        name,
+        result.error_class,
+        started_at,
+        duration,
+        status_code=result.status_code,
+        error_code=result.error_code,
+        message=short(str(result).removeprefix(f"{name}: ")),
+    )
+    ambiguous = isinstance(result, AmbiguousProviderError)
+    return Outcome(
+        result.error_class,
+        calls=[call],
+        error=short(str(result), ERROR_LIMIT),
+        retry_after=result.retry_after,
+        pinned_provider=name if ambiguous or replay else None,
+        keep_batch=replay,
+    )

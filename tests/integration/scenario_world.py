@@ -102,10 +102,7 @@ class World:
 
     def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
         return schedule_delivery(
-            self.app.session_factory,
-            self.app.enqueuer,
-            self.app.keyring,
-            self.app.settings,
+            self.app,
             user_id=self.user_id,
             recipient="future@example.com",
             subject="To me",

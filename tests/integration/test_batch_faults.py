@@ -375,12 +375,10 @@ def test_a_letter_waiting_for_its_batch_replay_cannot_be_canceled_or_moved(
 
     app = resend_world
     with pytest.raises(InvalidTransition, match="batch"):
-        cancel_delivery(app.session_factory, app.enqueuer, ids[1], now=AT_DUE, actor="ada")
+        cancel_delivery(app, ids[1], now=AT_DUE, actor="ada")
     with pytest.raises(InvalidTransition, match="batch"):
         reschedule_delivery(
-            app.session_factory,
-            app.enqueuer,
-            app.settings,
+            app,
             ids[1],
             AT_DUE + timedelta(days=3),
             now=AT_DUE,

@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 
 from core import batches
 from core.bootstrap import App, build_app
+from core.claims import claim
 from core.db import make_engine, session_scope
-from core.deliveries import claim
 from core.models import Delivery, DeliveryAttempt, DeliveryBatch, ErrorClass, Status
 from core.worker import run_delivery
 from tests.conftest import T0, RecordingEnqueuer
@@ -233,7 +233,7 @@ def test_an_unreadable_letter_fails_alone_and_the_rest_of_its_batch_is_sent(app:
 
 def test_a_batch_member_whose_run_died_goes_alone_pinned_to_the_batch_provider(app: App) -> None:
     # Given a batch claimed by a run that died before recording (the backstop recovered it)
-    from core.deliveries import recover_expired_lease
+    from core.claims import recover_expired_lease
 
     ids = due_letters(app, 3)
     with session_scope(app.session_factory) as session:
@@ -258,7 +258,7 @@ def test_a_batch_member_whose_run_died_goes_alone_pinned_to_the_batch_provider(a
 
 def test_replace_keeps_claims_frozen() -> None:
     # dataclasses.replace on Claim is how a member is pinned; a guard against a mutable Claim
-    from core.deliveries import Claim
+    from core.claims import Claim
 
     c = Claim(uuid.uuid4(), "t", 1, 1, "k", "a@b.c", uuid.uuid4(), 1, None, None)
     assert replace(c, pinned_provider="x").pinned_provider == "x" and c.pinned_provider is None

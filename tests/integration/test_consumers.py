@@ -50,10 +50,7 @@ class Live:
     def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
         now = now or utcnow()
         return schedule_delivery(
-            self.app.session_factory,
-            self.app.enqueuer,
-            self.app.keyring,
-            self.app.settings,
+            self.app,
             user_id=self.user_id,
             recipient="future@example.com",
             subject="To me",

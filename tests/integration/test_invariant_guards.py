@@ -16,17 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.bootstrap import App
+from core.claims import claim, recover_expired_lease
 from core.db import session_scope
-from core.deliveries import (
-    _transition,
-    cancel_delivery,
-    claim,
-    record_outcome,
-    recover_expired_lease,
-)
+from core.deliveries import _transition, cancel_delivery
 from core.errors import InvalidTransition
 from core.models import AuditEvent, Delivery, Status
 from core.outcomes import Outcome
+from core.recording import record_outcome
 from tests.integration.test_transitions import SOON, T0, balance, make_user, row, schedule
 
 LEASE = 60
@@ -123,8 +119,7 @@ def test_a_late_success_never_revives_a_canceled_letter(app: App) -> None:
     slow = _claim(app, result.delivery_id, "slow")
     _recover(app, result.delivery_id, SOON + timedelta(seconds=LEASE + 1))
     cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
+        app,
         result.delivery_id,
         now=SOON + timedelta(seconds=LEASE + 2),
         actor="ada",

@@ -53,10 +53,7 @@ class Ops:
         for i in range(n):
             ids.append(
                 schedule_delivery(
-                    self.app.session_factory,
-                    self.app.enqueuer,
-                    self.app.keyring,
-                    self.app.settings,
+                    self.app,
                     user_id=self.user_id,
                     recipient=f"r{i}@{provider}.example.com",
                     subject="To me",

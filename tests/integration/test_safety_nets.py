@@ -14,9 +14,9 @@ from sqlalchemy import select, update
 
 from core import alerts
 from core.bootstrap import App
+from core.claims import claim
 from core.config import Settings
 from core.db import session_scope
-from core.deliveries import claim
 from core.locks import single_runner
 from core.models import Alert, AuditEvent, Delivery, ReconcilerRun, Status
 from core.reconcile import (

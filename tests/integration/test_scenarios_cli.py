@@ -113,10 +113,7 @@ def test_core_schedule_with_an_offset_stores_utc_and_is_due_at_that_instant(app:
 
     # When core is given 09:00 at +02:00
     scheduled = schedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.keyring,
-        app.settings,
+        app,
         user_id=user_id,
         recipient="me@example.com",
         subject="Hi",

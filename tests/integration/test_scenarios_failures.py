@@ -67,10 +67,7 @@ def world(
 
 def schedule(app: App, user_id: int) -> uuid.UUID:
     return schedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.keyring,
-        app.settings,
+        app,
         user_id=user_id,
         recipient=RECIPIENT,
         subject="To me",

@@ -67,8 +67,7 @@ def test_a_canceled_letters_eta_task_is_revoked_in_redis_and_never_runs(world: W
 
     # When one is canceled before it is due
     cancel_delivery(
-        world.app.session_factory,
-        world.app.enqueuer,
+        world.app,
         canceled,
         now=utcnow(),
         actor="owner@example.com",

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from core.bootstrap import App, build_app
+from core.claims import claim, recover_expired_lease
 from core.db import make_engine, session_scope
-from core.deliveries import claim, recover_expired_lease
 from core.models import ErrorClass, Status
 from core.providers.base import Email
 from core.providers.postmark import PostmarkProvider

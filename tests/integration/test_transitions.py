@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from core import credits
 from core.bootstrap import App
+from core.claims import Claim, claim, recover_expired_lease
+from core.config import Settings
 from core.db import session_scope
 from core.deliveries import (
     cancel_delivery,
-    claim,
     create_user,
-    record_outcome,
     requeue_delivery,
     reschedule_delivery,
     schedule_delivery,
@@ -32,6 +33,7 @@ from core.errors import (
 )
 from core.models import AuditEvent, CreditEntry, Delivery, Letter, Notification, Status
 from core.outcomes import Outcome
+from core.recording import Recorded, record_outcome
 from tests.conftest import T0, RecordingEnqueuer
 
 SOON = T0 + timedelta(minutes=10)  # within the default one-hour horizon
@@ -56,7 +58,7 @@ def schedule(app: App, owner: int, at=SOON, **overrides):
         actor="ada@example.com",
     )
     args.update(overrides)
-    return schedule_delivery(app.session_factory, app.enqueuer, app.keyring, app.settings, **args)
+    return schedule_delivery(app, **args)
 
 
 def row(app: App, delivery_id: uuid.UUID) -> Delivery:
@@ -90,15 +92,59 @@ def counts(app: App) -> tuple[int, int, int, int]:
         )
 
 
+def settings_with(app: App, **changes: Any) -> Settings:
+    """The app's settings with `changes`, e.g. `max_attempts=1`."""
+    return app.settings.__class__(**{**app.settings.__dict__, **changes})
+
+
+def take(app: App, delivery_id: uuid.UUID, task_id: str = "t1", *, now=SOON) -> Claim | None:
+    """A worker's claim, committed in its own transaction."""
+    with session_scope(app.session_factory) as session:
+        claimed = claim(session, delivery_id, task_id, now=now, lease_seconds=60)
+        session.commit()
+        return claimed
+
+
+def record(
+    app: App, claimed: Claim, outcome: Outcome, *, now, settings: Settings | None = None
+) -> Recorded:
+    """A run's outcome, recorded in its own transaction."""
+    with session_scope(app.session_factory) as session:
+        recorded = record_outcome(session, claimed, outcome, settings or app.settings, now=now)
+        session.commit()
+        return recorded
+
+
+def run(
+    app: App,
+    delivery_id: uuid.UUID,
+    outcome: Outcome,
+    *,
+    task_id: str = "t1",
+    now=SOON,
+    settings: Settings | None = None,
+) -> tuple[Claim, Recorded]:
+    """Claim a due delivery and record the run's outcome, in one transaction."""
+    with session_scope(app.session_factory) as session:
+        claimed = claim(session, delivery_id, task_id, now=now, lease_seconds=60)
+        assert claimed is not None
+        recorded = record_outcome(session, claimed, outcome, settings or app.settings, now=now)
+        session.commit()
+        return claimed, recorded
+
+
+def recover(app: App, delivery_id: uuid.UUID, *, now) -> bool:
+    """The backstop's recovery of an expired lease, committed."""
+    with session_scope(app.session_factory) as session:
+        recovered = recover_expired_lease(session, delivery_id, now=now)
+        session.commit()
+        return recovered
+
+
 def fail(app: App, delivery_id: uuid.UUID, error_class: str = "permanent") -> None:
     """Drive a delivery to failed through claim + record_outcome."""
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, delivery_id, "t-fail", now=SOON, lease_seconds=60)
-        assert claimed is not None
-        outcome = Outcome(error_class=error_class, error="test failure")
-        settings = app.settings.__class__(**{**app.settings.__dict__, "max_attempts": 1})
-        record_outcome(session, claimed, outcome, settings, now=SOON)
-        session.commit()
+    outcome = Outcome(error_class=error_class, error="test failure")
+    run(app, delivery_id, outcome, task_id="t-fail", settings=settings_with(app, max_attempts=1))
 
 
 # ---------------------------------------------------------------- schedule
@@ -206,12 +252,7 @@ def test_cancel_refunds_revokes_and_audits(app: App, enqueuer: RecordingEnqueuer
     result = schedule(app, user_id)
 
     cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=T0,
-        actor="ada@example.com",
-        reason="changed my mind",
+        app, result.delivery_id, now=T0, actor="ada@example.com", reason="changed my mind"
     )
 
     stored = row(app, result.delivery_id)
@@ -224,14 +265,10 @@ def test_cancel_refunds_revokes_and_audits(app: App, enqueuer: RecordingEnqueuer
 def test_cancel_twice_is_an_invalid_transition_and_refunds_once(app: App) -> None:
     user_id = make_user(app)
     result = schedule(app, user_id)
-    cancel_delivery(
-        app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-    )
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     with pytest.raises(InvalidTransition, match="canceled"):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-        )
+        cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     assert balance(app, user_id) == 3
 
@@ -244,22 +281,8 @@ def test_cancel_a_failed_delivery_refunds_only_what_it_still_holds(app: App) -> 
     fail(app, permanent.delivery_id, "permanent")  # refunded on failure
     assert balance(app, user_id) == 2
 
-    cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        transient.delivery_id,
-        now=SOON,
-        actor="support",
-        reason="x",
-    )
-    cancel_delivery(
-        app.session_factory,
-        app.enqueuer,
-        permanent.delivery_id,
-        now=SOON,
-        actor="support",
-        reason="x",
-    )
+    cancel_delivery(app, transient.delivery_id, now=SOON, actor="support", reason="x")
+    cancel_delivery(app, permanent.delivery_id, now=SOON, actor="support", reason="x")
 
     assert balance(app, user_id) == 3
 
@@ -268,9 +291,7 @@ def test_cancel_survives_a_dead_broker(app: App, enqueuer: RecordingEnqueuer) ->
     result = schedule(app, make_user(app))
     enqueuer.fail = True
 
-    cancel_delivery(
-        app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada", reason="x"
-    )
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada", reason="x")
 
     assert row(app, result.delivery_id).status == Status.CANCELED
 
@@ -278,35 +299,21 @@ def test_cancel_survives_a_dead_broker(app: App, enqueuer: RecordingEnqueuer) ->
 @pytest.mark.parametrize("status", [Status.PROCESSING, Status.SENT])
 def test_cancel_refuses_processing_and_sent(app: App, status: Status) -> None:
     result = schedule(app, make_user(app))
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, result.delivery_id, "t1", now=SOON, lease_seconds=60)
-        assert claimed is not None
-        if status == Status.SENT:
-            record_outcome(
-                session,
-                claimed,
-                Outcome(error_class=None, provider="outbox", provider_message_id="m1"),
-                app.settings,
-                now=SOON,
-            )
-        session.commit()
+    if status == Status.SENT:
+        run(app, result.delivery_id, Outcome(None, provider="outbox", provider_message_id="m1"))
+    else:
+        assert take(app, result.delivery_id) is not None
 
     with pytest.raises(InvalidTransition, match=str(status)):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, result.delivery_id, now=SOON, actor="ada", reason="x"
-        )
+        cancel_delivery(app, result.delivery_id, now=SOON, actor="ada", reason="x")
     assert row(app, result.delivery_id).status == status
 
 
 def test_unknown_delivery_is_not_found(app: App) -> None:
     with pytest.raises(DeliveryNotFound):
-        cancel_delivery(
-            app.session_factory, app.enqueuer, uuid.uuid4(), now=T0, actor="ada", reason="x"
-        )
+        cancel_delivery(app, uuid.uuid4(), now=T0, actor="ada", reason="x")
     with pytest.raises(DeliveryNotFound):
-        requeue_delivery(
-            app.session_factory, app.enqueuer, uuid.uuid4(), now=T0, actor="ada", reason="x"
-        )
+        requeue_delivery(app, uuid.uuid4(), now=T0, actor="ada", reason="x")
 
 
 # ---------------------------------------------------------------- reschedule and claim
@@ -322,19 +329,11 @@ def test_after_a_reschedule_a_claim_by_the_old_dispatch_finds_nothing(
 
     # When it is moved a week later
     new_task = reschedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.settings,
-        result.delivery_id,
-        SOON + timedelta(days=7),
-        now=T0,
-        actor="ada",
-        reason="busy week",
+        app, result.delivery_id, SOON + timedelta(days=7), now=T0, actor="ada", reason="busy week"
     )
 
     # Then the old task, waking at SOON, cannot claim it, and nothing new is queued yet
-    with session_scope(app.session_factory) as session:
-        assert claim(session, result.delivery_id, old_task, now=SOON, lease_seconds=60) is None
+    assert take(app, result.delivery_id, old_task) is None
     assert new_task is None
     assert enqueuer.revoked == [old_task]
     stored = row(app, result.delivery_id)
@@ -349,15 +348,7 @@ def test_reschedule_sooner_dispatches_for_the_new_time(
     result = schedule(app, make_user(app), at=LATER)
     target = T0 + timedelta(minutes=5)
 
-    task_id = reschedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.settings,
-        result.delivery_id,
-        target,
-        now=T0,
-        actor="ada",
-    )
+    task_id = reschedule_delivery(app, result.delivery_id, target, now=T0, actor="ada")
 
     assert task_id and enqueuer.enqueued[-1][1] == target
     assert row(app, result.delivery_id).task_id == task_id
@@ -366,46 +357,18 @@ def test_reschedule_sooner_dispatches_for_the_new_time(
 def test_reschedule_into_the_past_or_of_a_canceled_delivery_is_refused(app: App) -> None:
     result = schedule(app, make_user(app))
     with pytest.raises(InvalidDeliveryTime):
-        reschedule_delivery(
-            app.session_factory,
-            app.enqueuer,
-            app.settings,
-            result.delivery_id,
-            T0 - timedelta(hours=1),
-            now=T0,
-            actor="ada",
-        )
-    cancel_delivery(app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada")
+        reschedule_delivery(app, result.delivery_id, T0 - timedelta(hours=1), now=T0, actor="ada")
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada")
     with pytest.raises(InvalidTransition):
-        reschedule_delivery(
-            app.session_factory,
-            app.enqueuer,
-            app.settings,
-            result.delivery_id,
-            LATER,
-            now=T0,
-            actor="ada",
-        )
+        reschedule_delivery(app, result.delivery_id, LATER, now=T0, actor="ada")
 
 
 def test_claim_is_a_compare_and_set_only_one_of_two_tasks_wins(app: App) -> None:
     result = schedule(app, make_user(app))
 
-    with session_scope(app.session_factory) as session:
-        assert (
-            claim(
-                session,
-                result.delivery_id,
-                "early",
-                now=SOON - timedelta(seconds=1),
-                lease_seconds=60,
-            )
-            is None
-        )
-        first = claim(session, result.delivery_id, "a", now=SOON, lease_seconds=60)
-        session.commit()
-    with session_scope(app.session_factory) as session:
-        second = claim(session, result.delivery_id, "b", now=SOON, lease_seconds=60)
+    assert take(app, result.delivery_id, "early", now=SOON - timedelta(seconds=1)) is None
+    first = take(app, result.delivery_id, "a")
+    second = take(app, result.delivery_id, "b")
 
     assert first is not None and first.run_number == 1 and first.task_id == "a"
     assert second is None
@@ -416,12 +379,8 @@ def test_claim_is_a_compare_and_set_only_one_of_two_tasks_wins(app: App) -> None
 
 def test_a_canceled_delivery_cannot_be_claimed(app: App) -> None:
     result = schedule(app, make_user(app))
-    cancel_delivery(app.session_factory, app.enqueuer, result.delivery_id, now=T0, actor="ada")
-    with session_scope(app.session_factory) as session:
-        assert (
-            claim(session, result.delivery_id, result.task_id or "t", now=SOON, lease_seconds=60)
-            is None
-        )
+    cancel_delivery(app, result.delivery_id, now=T0, actor="ada")
+    assert take(app, result.delivery_id, result.task_id or "t") is None
 
 
 # ---------------------------------------------------------------- requeue and outcomes
@@ -436,12 +395,7 @@ def test_requeue_failed_reserves_again_after_a_refund_and_stores_the_new_task(
     assert balance(app, user_id) == 1
 
     task_id = requeue_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=SOON,
-        actor="support@capsule",
-        reason="address fixed",
+        app, result.delivery_id, now=SOON, actor="support@capsule", reason="address fixed"
     )
 
     stored = row(app, result.delivery_id)
@@ -455,14 +409,7 @@ def test_requeue_failed_reserves_again_after_a_refund_and_stores_the_new_task(
 def test_requeue_refuses_anything_but_failed(app: App) -> None:
     result = schedule(app, make_user(app))
     with pytest.raises(InvalidTransition, match="scheduled"):
-        requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=T0,
-            actor="support",
-            reason="x",
-        )
+        requeue_delivery(app, result.delivery_id, now=T0, actor="support", reason="x")
 
 
 def test_requeue_without_credit_after_a_refund_is_refused_and_changes_nothing(app: App) -> None:
@@ -472,14 +419,7 @@ def test_requeue_without_credit_after_a_refund_is_refused_and_changes_nothing(ap
     schedule(app, user_id)  # spends the refunded credit
 
     with pytest.raises(InsufficientCredit):
-        requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=SOON,
-            actor="support",
-            reason="x",
-        )
+        requeue_delivery(app, result.delivery_id, now=SOON, actor="support", reason="x")
     assert row(app, result.delivery_id).status == Status.FAILED
 
 
@@ -508,19 +448,8 @@ def test_transient_failure_retries_with_backoff_until_the_cap(app: App) -> None:
     now = SOON
     statuses = []
     for _ in range(app.settings.max_attempts):
-        with session_scope(app.session_factory) as session:
-            claimed = claim(
-                session, result.delivery_id, uuid.uuid4().hex, now=now, lease_seconds=60
-            )
-            assert claimed is not None
-            recorded = record_outcome(
-                session,
-                claimed,
-                Outcome(error_class="transient", error="503", retry_after=45),
-                app.settings,
-                now=now,
-            )
-            session.commit()
+        outcome = Outcome(error_class="transient", error="503", retry_after=45)
+        _, recorded = run(app, result.delivery_id, outcome, task_id=uuid.uuid4().hex, now=now)
         statuses.append(recorded.status)
         if recorded.next_attempt_at:
             assert recorded.next_attempt_at - now >= timedelta(seconds=45)
@@ -532,52 +461,34 @@ def test_transient_failure_retries_with_backoff_until_the_cap(app: App) -> None:
 
 
 def test_a_late_success_is_kept_even_after_the_lease_was_recovered(app: App) -> None:
-    from core.deliveries import recover_expired_lease
-
     result = schedule(app, make_user(app))
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, result.delivery_id, "slow", now=SOON, lease_seconds=60)
-        session.commit()
+    claimed = take(app, result.delivery_id, "slow")
     assert claimed is not None
-    with session_scope(app.session_factory) as session:
-        assert recover_expired_lease(session, result.delivery_id, now=SOON + timedelta(seconds=61))
-        session.commit()
+    assert recover(app, result.delivery_id, now=SOON + timedelta(seconds=61))
 
-    with session_scope(app.session_factory) as session:
-        recorded = record_outcome(
-            session,
-            claimed,
-            Outcome(error_class=None, provider="outbox", provider_message_id="m"),
-            app.settings,
-            now=SOON + timedelta(seconds=62),
-        )
-        session.commit()
+    recorded = record(
+        app,
+        claimed,
+        Outcome(error_class=None, provider="outbox", provider_message_id="m"),
+        now=SOON + timedelta(seconds=62),
+    )
 
     assert recorded.status == Status.SENT
     assert row(app, result.delivery_id).status == Status.SENT
 
 
 def test_a_failure_from_a_run_that_lost_its_lease_is_discarded(app: App) -> None:
-    from core.deliveries import recover_expired_lease
-
     result = schedule(app, make_user(app))
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, result.delivery_id, "slow", now=SOON, lease_seconds=60)
-        session.commit()
+    claimed = take(app, result.delivery_id, "slow")
     assert claimed is not None
-    with session_scope(app.session_factory) as session:
-        recover_expired_lease(session, result.delivery_id, now=SOON + timedelta(seconds=61))
-        session.commit()
+    recover(app, result.delivery_id, now=SOON + timedelta(seconds=61))
 
-    with session_scope(app.session_factory) as session:
-        recorded = record_outcome(
-            session,
-            claimed,
-            Outcome(error_class="permanent", error="422"),
-            app.settings,
-            now=SOON + timedelta(seconds=62),
-        )
-        session.commit()
+    recorded = record(
+        app,
+        claimed,
+        Outcome(error_class="permanent", error="422"),
+        now=SOON + timedelta(seconds=62),
+    )
 
     assert recorded.status is None
     assert row(app, result.delivery_id).status == Status.SCHEDULED
@@ -591,22 +502,10 @@ def test_requeue_with_a_stale_expected_version_is_refused(app: App) -> None:
 
     with pytest.raises(InvalidTransition, match="changed since it was checked"):
         requeue_delivery(
-            app.session_factory,
-            app.enqueuer,
-            result.delivery_id,
-            now=SOON,
-            actor="ops",
-            reason="x",
-            expected_version=seen - 1,
+            app, result.delivery_id, now=SOON, actor="ops", reason="x", expected_version=seen - 1
         )
     requeue_delivery(
-        app.session_factory,
-        app.enqueuer,
-        result.delivery_id,
-        now=SOON,
-        actor="ops",
-        reason="x",
-        expected_version=seen,
+        app, result.delivery_id, now=SOON, actor="ops", reason="x", expected_version=seen
     )
     assert row(app, result.delivery_id).status == Status.SCHEDULED
 
@@ -614,16 +513,12 @@ def test_requeue_with_a_stale_expected_version_is_refused(app: App) -> None:
 def test_a_pinned_delivery_that_runs_out_of_attempts_fails_as_ambiguous(app: App) -> None:
     # Given a delivery pinned to Resend after a timeout that may have been an acceptance
     result = schedule(app, make_user(app))
-    settings = app.settings.__class__(**{**app.settings.__dict__, "max_attempts": 1})
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, result.delivery_id, "t1", now=SOON, lease_seconds=60)
-        assert claimed is not None
-        # When its last try meets an open circuit (transient)
-        outcome = Outcome(
-            error_class="transient", error="resend: circuit open", pinned_provider="resend"
-        )
-        recorded = record_outcome(session, claimed, outcome, settings, now=SOON)
-        session.commit()
+    settings = settings_with(app, max_attempts=1)
+    # When its last try meets an open circuit (transient)
+    outcome = Outcome(
+        error_class="transient", error="resend: circuit open", pinned_provider="resend"
+    )
+    _, recorded = run(app, result.delivery_id, outcome, settings=settings)
 
     # Then it fails as ambiguous, still pinned, and keeps its credit
     stored = row(app, result.delivery_id)
@@ -634,16 +529,11 @@ def test_a_pinned_delivery_that_runs_out_of_attempts_fails_as_ambiguous(app: App
 def test_a_run_that_reached_no_provider_gives_its_attempt_back(app: App) -> None:
     # Given a delivery on its last allowed attempt
     result = schedule(app, make_user(app))
-    settings = app.settings.__class__(**{**app.settings.__dict__, "max_attempts": 1})
-    with session_scope(app.session_factory) as session:
-        claimed = claim(session, result.delivery_id, "t1", now=SOON, lease_seconds=60)
-        assert claimed is not None and claimed.round_attempts == 1
-        # When every provider's circuit was open, so nothing was called
-        outcome = Outcome(
-            error_class="transient", error="circuit open", retry_after=40, deferred=True
-        )
-        recorded = record_outcome(session, claimed, outcome, settings, now=SOON)
-        session.commit()
+    settings = settings_with(app, max_attempts=1)
+    # When every provider's circuit was open, so nothing was called
+    outcome = Outcome(error_class="transient", error="circuit open", retry_after=40, deferred=True)
+    claimed, recorded = run(app, result.delivery_id, outcome, settings=settings)
+    assert claimed.round_attempts == 1
 
     # Then it is not failed: it waits for the circuit, then a spread over the backoff base
     # or the wait itself, whichever is longer
@@ -656,10 +546,9 @@ def test_a_run_that_reached_no_provider_gives_its_attempt_back(app: App) -> None
     assert events(app, result.delivery_id)[-1] == "delivery.deferred"
 
     # And a real transient answer on the next run still counts and fails it at the cap
-    with session_scope(app.session_factory) as session:
-        later = stored.next_attempt_at
-        claimed = claim(session, result.delivery_id, "t2", now=later, lease_seconds=60)
-        assert claimed is not None and claimed.round_attempts == 1
-        outcome = Outcome(error_class="transient", error="503")
-        assert record_outcome(session, claimed, outcome, settings, now=later).status == "failed"
-        session.commit()
+    later = stored.next_attempt_at
+    outcome = Outcome(error_class="transient", error="503")
+    claimed, recorded = run(
+        app, result.delivery_id, outcome, task_id="t2", now=later, settings=settings
+    )
+    assert claimed.round_attempts == 1 and recorded.status == "failed"

@@ -32,10 +32,7 @@ def schedule_broken_letter(app: App) -> tuple[uuid.UUID, int]:
         session.commit()
         user_id = user.id
     scheduled = schedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.keyring,
-        app.settings,
+        app,
         user_id=user_id,
         recipient="future@example.com",
         subject="Hello",

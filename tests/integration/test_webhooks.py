@@ -14,12 +14,14 @@ from sqlalchemy import func, select
 
 from core import webhooks
 from core.bootstrap import App
+from core.claims import claim
 from core.db import session_scope
-from core.deliveries import cancel_delivery, claim, create_user, record_outcome, schedule_delivery
+from core.deliveries import cancel_delivery, create_user, schedule_delivery
 from core.errors import InvalidTransition, ValidationError, WebhookPayloadError
 from core.models import AuditEvent, Delivery, Notification, Suppression, WebhookEvent
 from core.notifications import DELIVERY_BOUNCED
 from core.outcomes import Outcome, ProviderCall
+from core.recording import record_outcome
 from tests.conftest import T0, RecordingEnqueuer
 
 DEAD = "gone@old-isp.example"
@@ -32,10 +34,7 @@ def sent_letter(app: App, to: str = DEAD, message_id: str = "re-msg-1") -> uuid.
         s.commit()
         user_id = user.id
     scheduled = schedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.keyring,
-        app.settings,
+        app,
         user_id=user_id,
         recipient=to,
         subject="Hello",
@@ -317,7 +316,7 @@ def test_support_removes_an_address_audited_and_a_held_letter_can_be_canceled(
         s.commit()
     # A held letter stays held (people decide) and can be canceled
     assert state(app, delivery_id) == ("held", None)
-    cancel_delivery(app.session_factory, enqueuer, delivery_id, now=due, actor="s", reason="r")
+    cancel_delivery(app, delivery_id, now=due, actor="s", reason="r")
     assert state(app, delivery_id) == ("canceled", None)
     with pytest.raises(InvalidTransition):
         webhooks.release_held(

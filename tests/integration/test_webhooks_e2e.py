@@ -52,10 +52,7 @@ class World:
     def schedule(self, to: str) -> uuid.UUID:
         now = utcnow()
         return schedule_delivery(
-            self.app.session_factory,
-            self.app.enqueuer,
-            self.app.keyring,
-            self.app.settings,
+            self.app,
             user_id=self.user_id,
             recipient=to,
             subject="To me",

@@ -65,10 +65,7 @@ def due_now(app: App, owner_email: str = "owner@example.com") -> uuid.UUID:
         user = create_user(session, owner_email, "Owner", now, 5)
         session.commit()
     result = schedule_delivery(
-        app.session_factory,
-        app.enqueuer,
-        app.keyring,
-        app.settings,
+        app,
         user_id=user.id,
         recipient="future@example.com",
         subject="To me",
@@ -337,11 +334,9 @@ def test_a_canceled_or_rescheduled_later_delivery_sends_nothing_when_its_old_tas
     canceled = due_now(world, "a@example.com")
     moved = due_now(world, "b@example.com")
     now = utcnow()
-    cancel_delivery(world.session_factory, world.enqueuer, canceled, now=now, actor="a@example.com")
+    cancel_delivery(world, canceled, now=now, actor="a@example.com")
     reschedule_delivery(
-        world.session_factory,
-        world.enqueuer,
-        world.settings,
+        world,
         moved,
         now + timedelta(days=1),
         now=now,

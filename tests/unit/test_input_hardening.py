@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from core.db import SessionFactory
-from core.deliveries import validate_letter
 from core.errors import InvalidDeliveryTime, MessageBuildError, ValidationError
 from core.models import ErrorClass
 from core.policy import parse_when
@@ -21,6 +20,7 @@ from core.providers.outbox import OutboxProvider
 from core.providers.postmark import PostmarkProvider
 from core.providers.resend import ResendProvider
 from core.providers.smtp import SmtpProvider
+from core.validation import validate_letter
 from tests.fakes.fixtures import make_email
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from core import logs, metrics
+from core.claims import Claim
 from core.config import Settings
-from core.deliveries import Claim
 from core.outcomes import Outcome, ProviderCall
 from tests.conftest import T0
 
