@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select, update
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core import bulk
 from core.bootstrap import App, build_app
 from core.config import Settings
@@ -29,8 +31,6 @@ from core.policy import utcnow
 from huey_app import make_huey
 from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 from tests.integration.test_consumers import provider_env
 
 

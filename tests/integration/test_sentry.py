@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core import alerts
 from core.bootstrap import App
 from core.config import Settings
@@ -28,7 +29,6 @@ from tasks.delivery import deliver
 from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 SUBJECT = "Zebra quartz lantern 7d1f"
 BODY = "Marmalade octopus under the 93ab bridge, my secret plans"

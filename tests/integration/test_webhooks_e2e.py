@@ -19,6 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core import queries
 from core.bootstrap import App, build_app
 from core.config import Settings
@@ -29,10 +31,8 @@ from core.policy import utcnow
 from huey_app import make_huey
 from tasks.runtime import HueyEnqueuer
 from tests.conftest import KEY_ENTRY, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import OTHER_SECRET, TEST_SECRET, svix_headers
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
