@@ -42,8 +42,8 @@ from core.deliveries import create_user
 from core.migrate import upgrade
 from core.models import AuditEvent, CreditEntry, Delivery, Letter, Status
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

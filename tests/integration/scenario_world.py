@@ -25,8 +25,8 @@ from core.db import make_engine, session_scope
 from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, PG_ADMIN_URL, truncate_all
 from tests.fakes.smtp_server import free_port
 

@@ -27,8 +27,8 @@ from core.models import Delivery, ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import run_backstop
 from core.worker import run_delivery
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
 
 

@@ -28,8 +28,8 @@ from core.deliveries import create_user, schedule_delivery
 from core.listing import COLUMNS
 from core.models import AuditEvent, BulkOperation, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
 from tests.integration.test_consumers import provider_env
 

@@ -24,9 +24,8 @@ from core import alerts
 from core.bootstrap import App
 from core.config import Settings
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.delivery import deliver
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer, deliver
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
 

@@ -28,8 +28,8 @@ from core.db import session_scope
 from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery, Notification, Suppression, WebhookEvent
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import OTHER_SECRET, TEST_SECRET, svix_headers
