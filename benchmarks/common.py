@@ -32,6 +32,8 @@ import redis
 from sqlalchemy import create_engine, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 
+from benchmarks.fakes.provider_server import AdminClient
+from benchmarks.harness import Consumer, System, wait_for
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.crypto import Keyring, generate_key_entry
@@ -40,10 +42,8 @@ from core.deliveries import create_user
 from core.migrate import upgrade
 from core.models import AuditEvent, CreditEntry, Delivery, Letter, Status
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
-from tests.fakes.provider_server import AdminClient
-from tests.harness import Consumer, System, wait_for
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,13 +183,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 class ProviderProcess:
-    """`python -m tests.fakes.provider_server` in its own process, driven over its admin API."""
+    """`python -m benchmarks.fakes.provider_server` in its own process, driven over its admin API."""
 
     def __init__(
         self, *, latency_ms: float = 0.0, log_path: Path | None = None, quota: float = 0.0
     ) -> None:
         self.log_path = log_path
-        args = [PYTHON, "-m", "tests.fakes.provider_server", "--port", "0"]
+        args = [PYTHON, "-m", "benchmarks.fakes.provider_server", "--port", "0"]
         args += ["--latency-ms", str(latency_ms), "--quota", str(quota)]
         self.process = subprocess.Popen(
             args,

@@ -24,9 +24,8 @@ from sqlalchemy import text
 from benchmarks.common import Bench, base_parser, load, log, machine, table, write_results
 from core.policy import utcnow
 from core.reconcile import run_backstop, run_dispatcher
-from huey_app import make_huey
-from tasks.delivery import deliver
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer, deliver
+from tasks.queue import make_huey
 
 INSERT_FUTURE = [
     """

@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 
 from core import bulk, failed_filter
-from core.bootstrap import App, build_app
+from core.bootstrap import App, bootstrap
 from core.config import Settings
 from core.db import SessionFactory, session_scope
 from core.dispatch import Enqueuer
@@ -53,11 +53,11 @@ WINDOWS = {
 
 def make_enqueuer(settings: Settings) -> Enqueuer:
     """The delivery enqueuer over the process's Huey instance."""
-    import huey_app
-    from tasks.runtime import HueyEnqueuer
+    # Imported on first use: the queue is built from the environment when it is imported.
+    from tasks.delivery import queue_enqueuer
+    from tasks.queue import huey
 
-    huey_app.prepare_broker(huey_app.huey)
-    return HueyEnqueuer(huey_app.huey)
+    return queue_enqueuer(huey, settings)
 
 
 def enqueue_bulk(operation_id: int) -> str:
@@ -81,9 +81,9 @@ class QueueDepth:
 def read_queue_depth() -> QueueDepth:
     """Huey's pending and scheduled counts; 'unreachable' instead of an exception."""
     try:
-        import huey_app
+        from tasks.queue import huey
 
-        return QueueDepth(int(huey_app.huey.pending_count()), int(huey_app.huey.scheduled_count()))
+        return QueueDepth(int(huey.pending_count()), int(huey.scheduled_count()))
     except Exception as exc:  # a dead broker must not take the page down
         log.warning("queue depth unavailable: %s", exc)
         return QueueDepth(None, None, f"{type(exc).__name__}: {exc}")
@@ -93,14 +93,7 @@ def read_queue_depth() -> QueueDepth:
 def get_app() -> App:
     """The App for this console process, built once from CAPSULE_* settings."""
     settings = Settings.from_env()
-    redis_client = None
-    if settings.redis_url:
-        from redis import Redis
-
-        redis_client = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5
-        )
-    return build_app(settings, make_enqueuer(settings), redis_client=redis_client)
+    return bootstrap(settings, make_enqueuer(settings))
 
 
 def settings() -> Settings:

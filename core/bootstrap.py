@@ -1,6 +1,8 @@
 """Wiring: the one place that turns settings into an engine, a keyring and a provider chain.
 
 The broker side (the Enqueuer) is passed in by the entry point, so core never imports Huey.
+`bootstrap` is the App factory of every entry point (consumer, CLI, console); `build_app`
+takes the parts ready-made (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from redis import Redis
 from sqlalchemy import Engine
 
 from core.config import Settings
@@ -70,3 +73,14 @@ def build_app(
         redis_client=redis_client,
         _keyring=keyring,
     )
+
+
+def bootstrap(settings: Settings, enqueuer: Enqueuer) -> App:
+    """The App of an entry point: the one Redis client the settings ask for (it shares the
+    providers' rate limit across processes), an engine, and `enqueuer`, the queue."""
+    redis_client = (
+        Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        if settings.redis_url
+        else None
+    )
+    return build_app(settings, enqueuer, redis_client=redis_client)

@@ -6,8 +6,8 @@ import time
 
 from core.bulk import run_operation
 from core.policy import utcnow
-from huey_app import huey
-from tasks.runtime import get_app
+from tasks.delivery import get_app
+from tasks.queue import huey
 
 
 @huey.task(name="capsule.bulk_run")

@@ -47,7 +47,7 @@ REASON_HELP = "why (required, one line; kept in the audit trail)"
 
 
 def _app() -> App:
-    from tasks.runtime import get_app
+    from tasks.delivery import get_app
 
     return get_app()
 

@@ -27,9 +27,8 @@ from core.reconcile import (
     run_safety_net,
     slot_for,
 )
-from huey_app import huey
-from huey_app import settings as huey_settings
-from tasks.runtime import get_app
+from tasks.delivery import get_app
+from tasks.queue import huey, settings
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def _watch_marker(interval: float) -> None:
 def start_marker_watch() -> None:
     """Start this process's marker watch once (Huey calls the hook in every worker)."""
     global _watch
-    interval = huey_settings.marker_check_seconds
+    interval = settings.marker_check_seconds
     if interval <= 0:
         return
     with _watch_lock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from core.policy import utcnow
 from core.webhooks import process_and_notify
-from huey_app import huey
-from tasks.runtime import get_app
+from tasks.delivery import get_app
+from tasks.queue import huey
 
 
 @huey.task(name="capsule.process_webhook")

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.fakes.provider_server import FakeProviderServer
 from core.config import Settings
 from core.db import SessionFactory, make_engine, make_session_factory
 from core.models import Base
 from core.providers.base import Email
-from tests.fakes.provider_server import FakeProviderServer
 from tests.fakes.smtp_server import FakeSmtpServer, free_port
 
 RATELIMIT_REDIS_URL = os.environ.get("CAPSULE_TEST_RATELIMIT_REDIS", "redis://127.0.0.1:6379/15")

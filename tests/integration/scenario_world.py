@@ -16,6 +16,8 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, func, select, text
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import Consumer, System, wait_for
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.crypto import Keyring
@@ -23,12 +25,10 @@ from core.db import make_engine, session_scope
 from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, PG_ADMIN_URL, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
 from tests.fakes.smtp_server import free_port
-from tests.harness import Consumer, System, wait_for
 
 TEST_APPLICATION = "capsule-scenario-test"
 CONSUMER_APPLICATION = "capsule"  # what core.db.make_engine names every product connection

@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (`live` is test_consumers' fixture, imported to be used by name)
-"""Batch sends against the fake Resend and Postmark (tests/fakes/provider_server.py) with each
+"""Batch sends against the fake Resend and Postmark (benchmarks/fakes/provider_server.py) with each
 batch fault: refused before storing, stored then 5xx, stored then stalled past the read
 timeout, stored then dropped, a 429 past the quota. First driven run by run (SQLite and
 PostgreSQL), then by real consumers on PostgreSQL + Redis. "Sent once" is counted at the fake:
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import wait_for
 from core.bootstrap import App, build_app
 from core.db import make_engine, session_scope
 from core.models import Delivery, DeliveryBatch, ErrorClass, Status
 from core.policy import utcnow
 from core.worker import run_delivery
 from tests.conftest import T0, RecordingEnqueuer
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import wait_for
 from tests.integration.test_consumers import Live, live, reconfigure  # noqa: F401
 from tests.integration.test_transitions import make_user, row, schedule
 from tests.integration.test_worker import provider_settings

@@ -17,6 +17,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, func, select
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import Consumer, System, wait_for
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
@@ -25,11 +27,9 @@ from core.models import Delivery, ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import run_backstop
 from core.worker import run_delivery
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import Consumer, System, wait_for
 
 
 @dataclass

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from benchmarks.harness import ROOT
 from core import metrics
 from core.bootstrap import App
 from core.policy import utcnow
 from tests.conftest import service_missing
-from tests.harness import ROOT
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"

@@ -9,8 +9,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from benchmarks.harness import ROOT, wait_for
 from tests.fakes.smtp_server import free_port
-from tests.harness import ROOT, wait_for
 
 
 def answers(url: str) -> bool:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select, update
 
+from benchmarks.harness import wait_for
 from core.bootstrap import App
 from core.db import session_scope
 from core.dispatch import dispatch_many
@@ -20,7 +21,6 @@ from core.models import Delivery, ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import DISPATCHER, redispatch_if_marker_lost
 from tests.conftest import T0, RecordingEnqueuer
-from tests.harness import wait_for
 from tests.integration.test_consumers import Live, live, reconfigure  # noqa: F401  (fixture)
 from tests.integration.test_transitions import LATER, SOON, make_user, row, schedule
 

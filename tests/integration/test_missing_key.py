@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from benchmarks.fakes.provider_server import FakeProviderServer
 from core import health
 from core.bootstrap import App, build_app
 from core.crypto import Keyring, generate_key_entry
@@ -22,7 +23,6 @@ from core.policy import utcnow
 from core.reconcile import BACKSTOP, run_safety_net
 from core.worker import run_delivery
 from tests.conftest import KEY_ENTRY, RecordingEnqueuer
-from tests.fakes.provider_server import FakeProviderServer
 from tests.integration.test_safety_nets import Webhook
 from tests.integration.test_transitions import events, row
 from tests.integration.test_worker import due_now, provider_settings

@@ -16,11 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from benchmarks.harness import BIN, ROOT, wait_for
 from core.db import session_scope
 from core.models import ReconcilerRun, Status
 from core.policy import utcnow
 from tests.fakes.smtp_server import free_port
-from tests.harness import BIN, ROOT, wait_for
 from tests.integration.test_consumers import Live, live  # noqa: F401  (fixture)
 
 LETTERS = 4

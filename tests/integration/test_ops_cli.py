@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select, update
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core import bulk
 from core.bootstrap import App, build_app
 from core.config import Settings
@@ -26,11 +28,9 @@ from core.deliveries import create_user, schedule_delivery
 from core.failed_filter import FAILED_COLUMNS
 from core.models import AuditEvent, BulkOperation, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 from tests.integration.test_consumers import provider_env
 
 

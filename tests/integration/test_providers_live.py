@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.fakes.provider_server import AdminClient, FakeProviderServer
 from core.config import Settings
 from core.db import SessionFactory
 from core.errors import (
@@ -31,7 +32,6 @@ from core.providers.ratelimit import RedisRateLimiter
 from core.providers.resend import ResendProvider
 from core.providers.smtp import SmtpProvider
 from tests.fakes.fixtures import fake_provider_settings, make_email
-from tests.fakes.provider_server import AdminClient, FakeProviderServer
 from tests.fakes.smtp_server import FakeSmtpServer
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -329,7 +329,7 @@ def test_standalone_server_prints_its_url_and_serves(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "tests.fakes.provider_server",
+            "benchmarks.fakes.provider_server",
             "--port",
             "0",
             "--p-5xx",

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import Consumer, wait_for
 from core.crypto import Keyring
 from core.models import Status
 from core.policy import utcnow
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import Consumer, wait_for
 from tests.integration.scenario_world import World
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]

@@ -14,6 +14,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, MetaData, Table, create_engine, func, insert, select, text
 
+from benchmarks.fakes.provider_server import FakeProviderServer
 from core.bootstrap import build_app
 from core.crypto import Keyring
 from core.db import session_scope
@@ -23,7 +24,6 @@ from core.reconcile import run_backstop
 from core.worker import run_delivery
 from tests.conftest import PG_ADMIN_URL, RecordingEnqueuer, service_missing
 from tests.fakes.fixtures import fake_provider_settings
-from tests.fakes.provider_server import FakeProviderServer
 
 pytestmark = pytest.mark.postgres
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import Consumer, wait_for
 from core.crypto import Keyring
 from core.db import session_scope
 from core.models import AuditEvent, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
 from core.reconcile import run_backstop
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import Consumer, wait_for
 from tests.integration.scenario_world import Postgres, World
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]

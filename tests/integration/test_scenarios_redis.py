@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import wait_for
 from core.crypto import Keyring
 from core.deliveries import cancel_delivery
 from core.models import Status
 from core.policy import utcnow
-from tests.fakes.provider_server import FakeProviderServer
-from tests.harness import wait_for
 from tests.integration.scenario_world import RedisServer, World
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]

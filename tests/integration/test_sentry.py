@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core import alerts
 from core.bootstrap import App
 from core.config import Settings
 from core.policy import utcnow
-from huey_app import make_huey
-from tasks.delivery import deliver
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer, deliver
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY
 from tests.fakes.sentry_server import FakeSentry
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 SUBJECT = "Zebra quartz lantern 7d1f"
 BODY = "Marmalade octopus under the 93ab bridge, my secret plans"

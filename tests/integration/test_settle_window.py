@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fakes.provider_server import FakeProviderServer
 from core.bootstrap import App, build_app
 from core.claims import claim, recover_expired_lease
 from core.db import make_engine, session_scope
@@ -23,7 +24,6 @@ from core.providers.base import Email
 from core.providers.postmark import PostmarkProvider
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer
-from tests.fakes.provider_server import FakeProviderServer
 from tests.integration.test_transitions import row
 from tests.integration.test_worker import attempts, due_now, provider_settings
 

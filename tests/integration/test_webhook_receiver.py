@@ -14,12 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from benchmarks.fakes.provider_server import StoredMessage
 from core import webhooks
 from core.bootstrap import App, build_app
 from core.db import make_engine, session_scope
 from core.models import WebhookEvent
 from tests.conftest import RecordingEnqueuer
-from tests.fakes.provider_server import StoredMessage
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import (
     OTHER_SECRET,

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from benchmarks.fakes.provider_server import FakeProviderServer
+from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
@@ -26,13 +28,11 @@ from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery, Notification, Suppression, WebhookEvent
 from core.policy import utcnow
 from core.queries import delivery
-from huey_app import make_huey
-from tasks.runtime import HueyEnqueuer
+from tasks.delivery import HueyEnqueuer
+from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
-from tests.fakes.provider_server import FakeProviderServer
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import OTHER_SECRET, TEST_SECRET, svix_headers
-from tests.harness import BIN, ROOT, Consumer, System, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 

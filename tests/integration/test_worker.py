@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from benchmarks.fakes.provider_server import FakeProviderServer
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import make_engine, session_scope
@@ -19,7 +20,6 @@ from core.models import DeliveryAttempt, Notification, Status
 from core.policy import utcnow
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer
-from tests.fakes.provider_server import FakeProviderServer
 from tests.integration.test_transitions import events, row
 
 

@@ -1,4 +1,4 @@
-"""The fake Resend + Postmark server holds what the real services hold (tests/fakes).
+"""The fake Resend + Postmark server holds what the real services hold (benchmarks/fakes).
 
 The suite sees the outside world through this fake: where it is kinder than the real service
 (keys remembered forever, a search that sees a message at once), a broken invariant can pass.
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.provider_server import AdminClient, FakeProviderServer
+from benchmarks.fakes.provider_server import AdminClient, FakeProviderServer
 
 BODY = {"from": "Capsule <letters@capsule.localhost>", "to": ["me@example.com"], "subject": "Hi"}
 

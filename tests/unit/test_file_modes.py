@@ -125,7 +125,7 @@ def test_the_sqlite_database_and_its_wal_and_shm_are_0600_in_a_0700_var(tmp_path
 
 
 def test_the_sqlite_queue_file_is_0600(tmp_path: Path) -> None:
-    from huey_app import make_huey
+    from tasks.queue import make_huey
 
     var = tmp_path / "var"
     queue = make_huey(Settings(var_dir=str(var)))

@@ -54,7 +54,7 @@ decide. Fault specs:
     {"status": 503, "retry_after": 2, "name": "...", "error_code": 406, "message": "..."}
     {"action": "stall", "seconds": 3}
 
-Standalone: `python -m tests.fakes.provider_server --port 8025 --latency-ms 50 --p-5xx 0.1`
+Standalone: `python -m benchmarks.fakes.provider_server --port 8025 --latency-ms 50 --p-5xx 0.1`
 prints its URL on the first line of stdout and serves until SIGINT / SIGTERM.
 """
 
