@@ -21,6 +21,7 @@ import httpx
 from core.errors import (
     AmbiguousProviderError,
     MessageBuildError,
+    PermanentProviderError,
     ProviderError,
     TransientProviderError,
 )
@@ -77,6 +78,40 @@ def translate(
         return TransientProviderError(provider, f"invalid URL: {exc}", error_code="invalid_url")
     # A success status whose body carries no message id: it may well have been sent.
     return AmbiguousProviderError(provider, short(f"unreadable success answer: {exc!r}"))
+
+
+def status_error(
+    provider: str,
+    response: httpx.Response,
+    message: str,
+    *,
+    account_error: bool = False,
+    **fields: Any,
+) -> ProviderError:
+    """An error status the provider gives no meaning of its own, by its class.
+
+    429, and an account problem (401, 403, 408, or `account_error`: the operator's, not the
+    letter's): a definite refusal, fail over. A 5xx answers a request the provider received
+    whole: it may have stored the message before failing (a gateway timeout, a crash after the
+    write). Unknown, never a reason to fail over: the letter stays with this provider
+    (DESIGN.md invariant 7). Any other 4xx refuses this letter for good.
+    """
+    status = response.status_code
+    if status == 429:
+        return TransientProviderError(
+            provider, message, retry_after=retry_after(response), **fields
+        )
+    if status in (401, 403, 408) or account_error:
+        return TransientProviderError(provider, message, **fields)
+    if status >= 500:
+        return AmbiguousProviderError(
+            provider, message, retry_after=retry_after(response), **fields
+        )
+    if 300 <= status < 400:
+        return TransientProviderError(provider, message, **fields)
+    if 400 <= status < 500:
+        return PermanentProviderError(provider, message, **fields)
+    return AmbiguousProviderError(provider, message, **fields)
 
 
 def retry_after(response: httpx.Response) -> float | None:

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 
 from core.errors import (
-    AmbiguousProviderError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
@@ -188,21 +187,6 @@ def _from_response(response: httpx.Response) -> ProviderError:
         "status_code": status,
         "error_code": None if code is None else str(code),
     }
-    if status == 429:
-        return TransientProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if status in (401, 403, 408) or code in ACCOUNT_ERROR_CODES:
-        return TransientProviderError(NAME, message, **fields)
-    if status >= 500:
-        # A 5xx answers a request Postmark received whole: it may have stored the message before
-        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
-        # fail over: the letter stays with Postmark (DESIGN.md invariant 7).
-        return AmbiguousProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if 300 <= status < 400:
-        return TransientProviderError(NAME, message, **fields)
-    if 400 <= status < 500:
-        return PermanentProviderError(NAME, message, **fields)
-    return AmbiguousProviderError(NAME, message, **fields)
+    return http.status_error(
+        NAME, response, message, account_error=code in ACCOUNT_ERROR_CODES, **fields
+    )

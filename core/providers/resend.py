@@ -192,22 +192,4 @@ def _from_response(response: httpx.Response) -> ProviderError:
         return AmbiguousProviderError(
             NAME, message, retry_after=http.retry_after(response), **fields
         )
-    if status == 429:
-        return TransientProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if status in (401, 403, 408):
-        # A bad or revoked key is the operator's problem, not the letter's: fail over.
-        return TransientProviderError(NAME, message, **fields)
-    if status >= 500:
-        # A 5xx answers a request Resend received whole: it may have stored the message before
-        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
-        # fail over: the letter stays with Resend (DESIGN.md invariant 7).
-        return AmbiguousProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if 300 <= status < 400:
-        return TransientProviderError(NAME, message, **fields)
-    if 400 <= status < 500:
-        return PermanentProviderError(NAME, message, **fields)
-    return AmbiguousProviderError(NAME, message, **fields)
+    return http.status_error(NAME, response, message, **fields)
