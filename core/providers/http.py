@@ -22,9 +22,11 @@ from core.errors import (
     AmbiguousProviderError,
     MessageBuildError,
     PermanentProviderError,
+    PossiblySentError,
     ProviderError,
     TransientProviderError,
 )
+from core.providers.base import Accepted
 
 # Raised before a single byte of the request could have reached the provider.
 NOT_SENT = (
@@ -36,6 +38,8 @@ NOT_SENT = (
     httpx.LocalProtocolError,
 )
 MESSAGE_LIMIT = 200
+# What a call, or reading its answer, may raise: `translate` makes each one a provider error.
+CALL_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError)
 
 
 def timeout(connect: float, read: float) -> httpx.Timeout:
@@ -64,6 +68,40 @@ def build_request(
         ) from exc
     except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise MessageBuildError(provider, exc) from exc
+
+
+def post_message(
+    provider: str,
+    client: httpx.Client,
+    url: str,
+    id_field: str,
+    from_response: Callable[[httpx.Response], ProviderError],
+    **options: Any,
+) -> Accepted:
+    """POST one message and read its id from the answer's `id_field`; any failure on the way
+    is raised as the provider error it means (`translate`)."""
+    request = build_request(provider, client, "POST", url, **options)
+    try:
+        response = client.send(request)
+        response.raise_for_status()
+        message_id = str(response.json()[id_field])
+    except CALL_ERRORS as exc:
+        raise translate(provider, exc, from_response) from exc
+    return Accepted(provider, message_id, response.status_code)
+
+
+def batch_error(error: ProviderError) -> ProviderError:
+    """A batch call's failure: as for one message (a 5xx may hide a stored batch), except that
+    a refusal of the whole call (a malformed batch) stored nothing and blames no single letter:
+    transient, so each letter is retried and fails only after its attempts."""
+    if isinstance(error, PermanentProviderError) and not isinstance(error, PossiblySentError):
+        return TransientProviderError(
+            error.provider,
+            str(error).removeprefix(f"{error.provider}: "),
+            status_code=error.status_code,
+            error_code=error.error_code,
+        )
+    return error
 
 
 def translate(
