@@ -19,7 +19,7 @@ from core.db import make_engine, session_scope
 from core.deliveries import claim
 from core.models import Delivery, DeliveryAttempt, DeliveryBatch, ErrorClass, Status
 from core.worker import run_delivery
-from tests.conftest import T0, RecordingEnqueuer
+from tests.conftest import T0, RecordingEnqueuer, set_row
 from tests.integration.test_transitions import make_user, row, schedule
 
 DUE = T0 + timedelta(minutes=10)
@@ -91,16 +91,8 @@ def test_a_lone_due_letter_goes_alone_without_a_batch(app: App) -> None:
 def test_pinned_recovering_and_not_yet_due_letters_are_left_out_of_a_batch(app: App) -> None:
     ids = due_letters(app, 5)
     later = due_letters(app, 1, at=DUE + timedelta(minutes=5))
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[3]).values(pinned_provider="outbox")
-        )
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == ids[4])
-            .values(error_class=ErrorClass.LEASE_EXPIRED)
-        )
-        session.commit()
+    set_row(app, ids[3], pinned_provider="outbox")
+    set_row(app, ids[4], error_class=ErrorClass.LEASE_EXPIRED)
 
     run_delivery(app, ids[0], "t1", clock=lambda: AT_DUE)
 
@@ -155,11 +147,7 @@ def test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting(
     ids = due_letters(app, 30)
     # the second run's own letter is pinned, so the first run's batch cannot take it (a run
     # whose own row is in another's claim waits for that transaction, then finds nothing)
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[1]).values(pinned_provider="outbox")
-        )
-        session.commit()
+    set_row(app, ids[1], pinned_provider="outbox")
     taken: dict[str, list[uuid.UUID]] = {}
     first_holds = threading.Event()
     second_done = threading.Event()
@@ -197,11 +185,7 @@ def test_every_letter_is_in_at_most_one_live_batch(app: App) -> None:
         session.commit()
     # a member released back to scheduled while its batch is live (kept for a replay)
     member = more[0].delivery_id
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == member).values(status=Status.SCHEDULED)
-        )
-        session.commit()
+    set_row(app, member, status=Status.SCHEDULED)
 
     with session_scope(app.session_factory) as session:
         other = claim(session, ids[5], "t2", now=AT_DUE, lease_seconds=300)
