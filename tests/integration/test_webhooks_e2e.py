@@ -23,7 +23,7 @@ from core import queries
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
-from core.deliveries import create_user, schedule_delivery
+from core.deliveries import create_user
 from core.models import Delivery, Notification, Suppression, WebhookEvent
 from core.policy import utcnow
 from huey_app import make_huey
@@ -33,6 +33,7 @@ from tests.fakes.provider_server import FakeProviderServer
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import OTHER_SECRET, TEST_SECRET, svix_headers
 from tests.harness import BIN, ROOT, Consumer, System, wait_for
+from tests.integration.scenario_world import schedule_letter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -51,19 +52,14 @@ class World:
 
     def schedule(self, to: str) -> uuid.UUID:
         now = utcnow()
-        return schedule_delivery(
-            self.app.session_factory,
-            self.app.enqueuer,
-            self.app.keyring,
-            self.app.settings,
-            user_id=self.user_id,
-            recipient=to,
-            subject="To me",
-            body="Dear future me",
-            deliver_at=now + timedelta(seconds=1),
+        return schedule_letter(
+            self.app,
+            self.user_id,
+            now + timedelta(seconds=1),
             now=now,
-            actor=OWNER,
-        ).delivery_id
+            recipient=to,
+            body="Dear future me",
+        )
 
     def status(self, delivery_id: uuid.UUID) -> str:
         with session_scope(self.app.session_factory) as s:
