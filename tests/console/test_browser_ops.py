@@ -9,9 +9,7 @@ Locally a missing Chromium or PostgreSQL skips this test; under CI (CI=true) it 
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,16 +25,17 @@ from core.operators import Role, secrets_entry
 from core.policy import utcnow
 from core.queries import FailedFilter
 from tests.conftest import service_missing, truncate_all
-from tests.console.conftest import KEY_ENTRY, PASSWORD, ROOT
+from tests.console.conftest import KEY_ENTRY, PASSWORD
 from tests.console.test_browser import (
-    BIN,
     CHROMIUM,
     TIMEOUT_MS,
     browser,  # noqa: F401  (the fixture)
     eventually,
     free_port,
     grid_text,
+    process_env,
     shot,
+    start_console,
     stop,
     wait_healthy,
 )
@@ -65,36 +64,10 @@ def pg_stack(tmp_path: Path, pg_database: str, password_hash: str) -> Iterator[d
             for name, role in (("vera", Role.VIEWER), ("sam", Role.SUPPORT))
         )
     )
-    env = {
-        **os.environ,
-        "CAPSULE_VAR_DIR": str(tmp_path),
-        "CAPSULE_DATABASE_URL": pg_database,
-        "CAPSULE_ENCRYPTION_KEYS": KEY_ENTRY,
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("CAPSULE_REDIS_URL", "CAPSULE_DEMO_MODE"):
-        env.pop(name, None)
+    env = process_env(tmp_path, pg_database)
     port = free_port()
     log = (tmp_path / "console.log").open("wb")
-    console = subprocess.Popen(
-        [
-            str(BIN / "streamlit"),
-            "run",
-            "console/app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--secrets.files",
-            str(secrets),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    console = start_console(port, secrets, env, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", console, tmp_path / "console.log")
         yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "tmp": tmp_path}
