@@ -191,14 +191,19 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def sign_in(browser: Any, url: str, username: str) -> Any:
-    page = browser.new_page(viewport={"width": 1440, "height": 1800})
+def sign_in_page(page: Any, url: str, username: str) -> None:
+    """Open the console in `page` and sign in as `username`, up to the Overview."""
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("heading", name="Overview").wait_for()
+
+
+def sign_in(browser: Any, url: str, username: str) -> Any:
+    page = browser.new_page(viewport={"width": 1440, "height": 1800})
+    sign_in_page(page, url, username)
     return page
 
 

@@ -25,7 +25,7 @@ from core.operators import Role, secrets_entry
 from core.policy import utcnow
 from core.queries import FailedFilter
 from tests.conftest import service_missing, truncate_all
-from tests.console.conftest import KEY_ENTRY, PASSWORD
+from tests.console.conftest import KEY_ENTRY
 from tests.console.test_browser import (
     CHROMIUM,
     TIMEOUT_MS,
@@ -35,6 +35,7 @@ from tests.console.test_browser import (
     grid_text,
     process_env,
     shot,
+    sign_in_page,
     start_console,
     stop,
     wait_healthy,
@@ -91,15 +92,6 @@ def visible_ids(page: Any) -> list[str]:
     return [m.group(0) for m in found if m]
 
 
-def sign_in(page: Any, url: str, username: str) -> None:
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_role("heading", name="Overview").wait_for()
-
-
 def starts_with(seen: list[str], expected: list[str]) -> bool:
     return len(seen) >= 5 and seen == expected[: len(seen)]
 
@@ -114,7 +106,7 @@ def test_shared_link_export_and_pages_on_postgresql(pg_stack: dict[str, Any], br
     # ---- sam signs in; the browser now holds the session cookie
     context = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True)
     first = context.new_page()
-    sign_in(first, url, "sam")
+    sign_in_page(first, url, "sam")
     eventually(
         lambda: any(c["name"] == "capsule_session" for c in context.cookies()),
         "the session cookie is set",
@@ -186,7 +178,7 @@ def test_dark_theme_and_local_time_follow_the_browser(
             timezone_id="Europe/Lisbon",
         )
         page = context.new_page()
-        sign_in(page, url, "vera")
+        sign_in_page(page, url, "vera")
         eventually(lambda p=page: p.locator(".js-plotly-plot").count() >= 4, "charts drawn")
         backgrounds[scheme] = page.evaluate(
             "getComputedStyle(document.querySelector('.stApp')).backgroundColor"
