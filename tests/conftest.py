@@ -10,19 +10,20 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, text, update
 
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.crypto import Keyring, generate_key_entry
-from core.db import make_engine
+from core.db import make_engine, session_scope
 from core.errors import EnqueueError
 from core.migrate import upgrade
-from core.models import Base
+from core.models import Base, Delivery
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
@@ -81,24 +82,32 @@ class RecordingEnqueuer:
 # ---------------------------------------------------------------- databases
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this run, migrated once, dropped at the end."""
-    name = f"capsule_test_{RUN_ID}"
+@contextmanager
+def fresh_pg_database(name: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database `name` (its URL), dropped on exit. A PostgreSQL that
+    does not answer skips the test (fails it under CI)."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         service_missing("PostgreSQL", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    engine = create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, migrated once, dropped at the end."""
+    with fresh_pg_database(f"capsule_test_{RUN_ID}") as url:
+        engine = create_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +124,14 @@ def truncate_all(engine: Engine) -> None:
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+def set_row(app: App, delivery_id: uuid.UUID, **values: object) -> None:
+    """Write `values` straight into a delivery's row: what an earlier run, an older version or
+    another process left there."""
+    with session_scope(app.session_factory) as session:
+        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+        session.commit()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

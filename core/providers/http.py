@@ -21,9 +21,12 @@ import httpx
 from core.errors import (
     AmbiguousProviderError,
     MessageBuildError,
+    PermanentProviderError,
+    PossiblySentError,
     ProviderError,
     TransientProviderError,
 )
+from core.providers.base import Accepted
 
 # Raised before a single byte of the request could have reached the provider.
 NOT_SENT = (
@@ -35,6 +38,8 @@ NOT_SENT = (
     httpx.LocalProtocolError,
 )
 MESSAGE_LIMIT = 200
+# What a call, or reading its answer, may raise: `translate` makes each one a provider error.
+CALL_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError)
 
 
 def timeout(connect: float, read: float) -> httpx.Timeout:
@@ -65,6 +70,40 @@ def build_request(
         raise MessageBuildError(provider, exc) from exc
 
 
+def post_message(
+    provider: str,
+    client: httpx.Client,
+    url: str,
+    id_field: str,
+    from_response: Callable[[httpx.Response], ProviderError],
+    **options: Any,
+) -> Accepted:
+    """POST one message and read its id from the answer's `id_field`; any failure on the way
+    is raised as the provider error it means (`translate`)."""
+    request = build_request(provider, client, "POST", url, **options)
+    try:
+        response = client.send(request)
+        response.raise_for_status()
+        message_id = str(response.json()[id_field])
+    except CALL_ERRORS as exc:
+        raise translate(provider, exc, from_response) from exc
+    return Accepted(provider, message_id, response.status_code)
+
+
+def batch_error(error: ProviderError) -> ProviderError:
+    """A batch call's failure: as for one message (a 5xx may hide a stored batch), except that
+    a refusal of the whole call (a malformed batch) stored nothing and blames no single letter:
+    transient, so each letter is retried and fails only after its attempts."""
+    if isinstance(error, PermanentProviderError) and not isinstance(error, PossiblySentError):
+        return TransientProviderError(
+            error.provider,
+            str(error).removeprefix(f"{error.provider}: "),
+            status_code=error.status_code,
+            error_code=error.error_code,
+        )
+    return error
+
+
 def translate(
     provider: str, exc: Exception, from_response: Callable[[httpx.Response], ProviderError]
 ) -> ProviderError:
@@ -77,6 +116,40 @@ def translate(
         return TransientProviderError(provider, f"invalid URL: {exc}", error_code="invalid_url")
     # A success status whose body carries no message id: it may well have been sent.
     return AmbiguousProviderError(provider, short(f"unreadable success answer: {exc!r}"))
+
+
+def status_error(
+    provider: str,
+    response: httpx.Response,
+    message: str,
+    *,
+    account_error: bool = False,
+    **fields: Any,
+) -> ProviderError:
+    """An error status the provider gives no meaning of its own, by its class.
+
+    429, and an account problem (401, 403, 408, or `account_error`: the operator's, not the
+    letter's): a definite refusal, fail over. A 5xx answers a request the provider received
+    whole: it may have stored the message before failing (a gateway timeout, a crash after the
+    write). Unknown, never a reason to fail over: the letter stays with this provider
+    (DESIGN.md invariant 7). Any other 4xx refuses this letter for good.
+    """
+    status = response.status_code
+    if status == 429:
+        return TransientProviderError(
+            provider, message, retry_after=retry_after(response), **fields
+        )
+    if status in (401, 403, 408) or account_error:
+        return TransientProviderError(provider, message, **fields)
+    if status >= 500:
+        return AmbiguousProviderError(
+            provider, message, retry_after=retry_after(response), **fields
+        )
+    if 300 <= status < 400:
+        return TransientProviderError(provider, message, **fields)
+    if 400 <= status < 500:
+        return PermanentProviderError(provider, message, **fields)
+    return AmbiguousProviderError(provider, message, **fields)
 
 
 def retry_after(response: httpx.Response) -> float | None:

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 
 from core.errors import (
-    AmbiguousProviderError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
@@ -58,22 +57,16 @@ class PostmarkProvider:
 
     def send(self, email: Email) -> Accepted:
         """POST the message with the idempotency key in its metadata."""
-        request = http.build_request(
+        return http.post_message(
             NAME,
             self._client,
-            "POST",
             f"{self._base}/email",
+            "MessageID",
+            _from_response,
             json=payload(email, self._stream),
             headers=self._headers,
             timeout=self._timeout,
         )
-        try:
-            response = self._client.send(request)
-            response.raise_for_status()
-            message_id = str(response.json()["MessageID"])
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
-            raise _translate(exc) from exc
-        return Accepted(NAME, message_id, response.status_code)
 
     def batch_body(self, emails: Sequence[Email]) -> bytes:
         """The JSON array of messages, each carrying its delivery's key in Metadata."""
@@ -102,8 +95,8 @@ class PostmarkProvider:
             if not isinstance(answers, list) or len(answers) != len(emails):
                 raise ValueError(f"expected {len(emails)} results")
             return [_batch_result(a, response.status_code) for a in answers]
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
-            raise _translate_batch(exc) from exc
+        except http.CALL_ERRORS as exc:
+            raise http.batch_error(_translate(exc)) from exc
 
     def find_sent(self, email: Email) -> Accepted | None:
         """The outbound message carrying this idempotency key, if Postmark has one."""
@@ -120,14 +113,7 @@ class PostmarkProvider:
             if not body.get("TotalCount"):
                 return None
             message_id = str(body["Messages"][0]["MessageID"])
-        except (
-            httpx.HTTPError,
-            httpx.InvalidURL,
-            ValueError,
-            KeyError,
-            TypeError,
-            IndexError,
-        ) as exc:
+        except (*http.CALL_ERRORS, IndexError) as exc:
             raise _translate(exc) from exc
         return Accepted(NAME, message_id, response.status_code)
 
@@ -158,17 +144,6 @@ def _translate(exc: Exception) -> ProviderError:
     return http.translate(NAME, exc, _from_response)
 
 
-def _translate_batch(exc: Exception) -> ProviderError:
-    """A batch call's failure: a 5xx may follow stored messages (ambiguous, as for one message:
-    look each up); a whole-call 4xx refused them all and blames no single letter (transient)."""
-    error = _translate(exc)
-    fields: dict[str, Any] = {"status_code": error.status_code, "error_code": error.error_code}
-    detail = str(error).removeprefix(f"{NAME}: ")
-    if isinstance(error, PermanentProviderError):
-        return TransientProviderError(NAME, detail, **fields)
-    return error
-
-
 def _batch_result(answer: dict[str, Any], status: int) -> Accepted | ProviderError:
     """One message's answer inside a batch response."""
     code = int(answer.get("ErrorCode", -1))
@@ -188,21 +163,6 @@ def _from_response(response: httpx.Response) -> ProviderError:
         "status_code": status,
         "error_code": None if code is None else str(code),
     }
-    if status == 429:
-        return TransientProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if status in (401, 403, 408) or code in ACCOUNT_ERROR_CODES:
-        return TransientProviderError(NAME, message, **fields)
-    if status >= 500:
-        # A 5xx answers a request Postmark received whole: it may have stored the message before
-        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
-        # fail over: the letter stays with Postmark (DESIGN.md invariant 7).
-        return AmbiguousProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if 300 <= status < 400:
-        return TransientProviderError(NAME, message, **fields)
-    if 400 <= status < 500:
-        return PermanentProviderError(NAME, message, **fields)
-    return AmbiguousProviderError(NAME, message, **fields)
+    return http.status_error(
+        NAME, response, message, account_error=code in ACCOUNT_ERROR_CODES, **fields
+    )

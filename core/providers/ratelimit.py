@@ -117,14 +117,11 @@ class RedisRateLimiter:
         retry_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = max(1.0, burst if burst is not None else rate)
+        self._fallback = LocalRateLimiter(rate, burst=burst, clock=clock)
+        self.rate, self.burst = self._fallback.rate, self._fallback.burst
         self.prefix = prefix
         self._script: Any = redis_client.register_script(_GCRA)
         self._pause: Any = redis_client.register_script(_PAUSE)
-        self._fallback = LocalRateLimiter(rate, burst=burst, clock=clock)
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._down_until: float | None = None

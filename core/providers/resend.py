@@ -19,7 +19,6 @@ from core.errors import (
     PermanentProviderError,
     PossiblySentError,
     ProviderError,
-    TransientProviderError,
 )
 from core.providers import http
 from core.providers.base import Accepted, BatchResult, Email
@@ -59,22 +58,16 @@ class ResendProvider:
             "Authorization": f"Bearer {self._api_key}",
             "Idempotency-Key": email.idempotency_key,
         }
-        request = http.build_request(
+        return http.post_message(
             NAME,
             self._client,
-            "POST",
             self._url,
+            "id",
+            _from_response,
             json=payload(email),
             headers=headers,
             timeout=self._timeout,
         )
-        try:
-            response = self._client.send(request)
-            response.raise_for_status()
-            message_id = str(response.json()["id"])
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
-            raise _translate(exc) from exc
-        return Accepted(NAME, message_id, response.status_code)
 
     def find_sent(self, email: Email) -> Accepted | None:
         """Unsupported and unneeded: a retry with the same key returns the first message's id."""
@@ -113,8 +106,8 @@ class ResendProvider:
             errors = {
                 int(e["index"]): str(e.get("message") or "") for e in body.get("errors") or []
             }
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError) as exc:
-            raise _translate_batch(exc) from exc
+        except http.CALL_ERRORS as exc:
+            raise http.batch_error(_translate(exc)) from exc
         return _batch_results(len(emails), ids, errors, response.status_code)
 
 
@@ -137,22 +130,6 @@ def payload(email: Email) -> dict[str, Any]:
 def _translate(exc: Exception) -> ProviderError:
     """Every way a Resend call can fail, as one of our provider errors."""
     return http.translate(NAME, exc, _from_response)
-
-
-def _translate_batch(exc: Exception) -> ProviderError:
-    """A batch call's failure: as for one message (a 5xx may hide a stored batch: replay it),
-    except that a refusal of the whole call blames no single letter."""
-    error = _translate(exc)
-    if isinstance(error, PermanentProviderError) and not isinstance(error, PossiblySentError):
-        # The call as a whole was refused (a malformed batch): nothing was stored, and no
-        # single letter is to blame; each is retried, and fails only after its attempts.
-        return TransientProviderError(
-            NAME,
-            str(error).removeprefix(f"{NAME}: "),
-            status_code=error.status_code,
-            error_code=error.error_code,
-        )
-    return error
 
 
 def _batch_results(count: int, ids: list[str], errors: dict[int, str], status: int) -> BatchResult:
@@ -192,22 +169,4 @@ def _from_response(response: httpx.Response) -> ProviderError:
         return AmbiguousProviderError(
             NAME, message, retry_after=http.retry_after(response), **fields
         )
-    if status == 429:
-        return TransientProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if status in (401, 403, 408):
-        # A bad or revoked key is the operator's problem, not the letter's: fail over.
-        return TransientProviderError(NAME, message, **fields)
-    if status >= 500:
-        # A 5xx answers a request Resend received whole: it may have stored the message before
-        # failing (a gateway timeout, a crash after the write). Unknown, never a reason to
-        # fail over: the letter stays with Resend (DESIGN.md invariant 7).
-        return AmbiguousProviderError(
-            NAME, message, retry_after=http.retry_after(response), **fields
-        )
-    if 300 <= status < 400:
-        return TransientProviderError(NAME, message, **fields)
-    if 400 <= status < 500:
-        return PermanentProviderError(NAME, message, **fields)
-    return AmbiguousProviderError(NAME, message, **fields)
+    return http.status_error(NAME, response, message, **fields)

@@ -4,6 +4,7 @@ Streamlit caches, fake broker seams, and AppTest runs of console/app.py as a giv
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import streamlit as st
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 from streamlit.testing.v1 import AppTest
 
 from core.crypto import Keyring, generate_key_entry
@@ -88,6 +89,14 @@ def console_env(
         console.data.get_app().engine.dispose()
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+@pytest.fixture
+def engine(console_env: Seams) -> Iterator[Engine]:
+    """An engine on the console's database (the seeded copy)."""
+    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
+    yield engine
+    engine.dispose()
 
 
 def accounts(password_hash: str) -> dict[str, Any]:

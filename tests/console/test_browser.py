@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -81,6 +81,46 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
+def process_env(var_dir: Path, database_url: str) -> dict[str, str]:
+    """The environment of the console (and its consumer) under test: this database and key,
+    no Redis, no demo mode."""
+    env = {
+        **os.environ,
+        "CAPSULE_VAR_DIR": str(var_dir),
+        "CAPSULE_DATABASE_URL": database_url,
+        "CAPSULE_ENCRYPTION_KEYS": KEY_ENTRY,
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("CAPSULE_REDIS_URL", "CAPSULE_DEMO_MODE"):
+        env.pop(name, None)
+    return env
+
+
+def start_console(
+    port: int, secrets: Path, env: dict[str, str], log: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    """`streamlit run console/app.py`, headless on 127.0.0.1:`port`, with these operators."""
+    return subprocess.Popen(
+        [
+            str(BIN / "streamlit"),
+            "run",
+            "console/app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--secrets.files",
+            str(secrets),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 @pytest.fixture
 def stack(tmp_path: Path, seeded_template: Path, password_hash: str) -> Iterator[dict[str, Any]]:
     """A console on a free port and a consumer, both on a copy of the seeded database."""
@@ -95,15 +135,7 @@ def stack(tmp_path: Path, seeded_template: Path, password_hash: str) -> Iterator
             for name, role in (("vera", Role.VIEWER), ("sam", Role.SUPPORT), ("olga", Role.OPS))
         )
     )
-    env = {
-        **os.environ,
-        "CAPSULE_VAR_DIR": str(tmp_path),
-        "CAPSULE_DATABASE_URL": f"sqlite:///{db}",
-        "CAPSULE_ENCRYPTION_KEYS": KEY_ENTRY,
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("CAPSULE_REDIS_URL", "CAPSULE_DEMO_MODE"):
-        env.pop(name, None)
+    env = process_env(tmp_path, f"sqlite:///{db}")
     subprocess.run(  # makes the embedded queue's tables, like `make run`
         [str(BIN / "capsule"), "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True
     )
@@ -127,25 +159,7 @@ def stack(tmp_path: Path, seeded_template: Path, password_hash: str) -> Iterator
         stdout=logs["consumer"],
         stderr=subprocess.STDOUT,
     )
-    console = subprocess.Popen(
-        [
-            str(BIN / "streamlit"),
-            "run",
-            "console/app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--secrets.files",
-            str(secrets),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=logs["console"],
-        stderr=subprocess.STDOUT,
-    )
+    console = start_console(port, secrets, env, logs["console"])
     try:
         wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", console, tmp_path / "console.log")
         yield {"url": f"http://127.0.0.1:{port}", "db": f"sqlite:///{db}", "tmp": tmp_path}
@@ -177,14 +191,19 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def sign_in(browser: Any, url: str, username: str) -> Any:
-    page = browser.new_page(viewport={"width": 1440, "height": 1800})
+def sign_in_page(page: Any, url: str, username: str) -> None:
+    """Open the console in `page` and sign in as `username`, up to the Overview."""
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("heading", name="Overview").wait_for()
+
+
+def sign_in(browser: Any, url: str, username: str) -> Any:
+    page = browser.new_page(viewport={"width": 1440, "height": 1800})
+    sign_in_page(page, url, username)
     return page
 
 

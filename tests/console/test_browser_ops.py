@@ -9,9 +9,7 @@ Locally a missing Chromium or PostgreSQL skips this test; under CI (CI=true) it 
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,16 +25,18 @@ from core.operators import Role, secrets_entry
 from core.policy import utcnow
 from core.queries import failed
 from tests.conftest import service_missing, truncate_all
-from tests.console.conftest import KEY_ENTRY, PASSWORD, ROOT
+from tests.console.conftest import KEY_ENTRY
 from tests.console.test_browser import (
-    BIN,
     CHROMIUM,
     TIMEOUT_MS,
     browser,  # noqa: F401  (the fixture)
     eventually,
     free_port,
     grid_text,
+    process_env,
     shot,
+    sign_in_page,
+    start_console,
     stop,
     wait_healthy,
 )
@@ -65,36 +65,10 @@ def pg_stack(tmp_path: Path, pg_database: str, password_hash: str) -> Iterator[d
             for name, role in (("vera", Role.VIEWER), ("sam", Role.SUPPORT))
         )
     )
-    env = {
-        **os.environ,
-        "CAPSULE_VAR_DIR": str(tmp_path),
-        "CAPSULE_DATABASE_URL": pg_database,
-        "CAPSULE_ENCRYPTION_KEYS": KEY_ENTRY,
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("CAPSULE_REDIS_URL", "CAPSULE_DEMO_MODE"):
-        env.pop(name, None)
+    env = process_env(tmp_path, pg_database)
     port = free_port()
     log = (tmp_path / "console.log").open("wb")
-    console = subprocess.Popen(
-        [
-            str(BIN / "streamlit"),
-            "run",
-            "console/app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--server.headless",
-            "true",
-            "--secrets.files",
-            str(secrets),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    console = start_console(port, secrets, env, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", console, tmp_path / "console.log")
         yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "tmp": tmp_path}
@@ -118,15 +92,6 @@ def visible_ids(page: Any) -> list[str]:
     return [m.group(0) for m in found if m]
 
 
-def sign_in(page: Any, url: str, username: str) -> None:
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_role("heading", name="Overview").wait_for()
-
-
 def starts_with(seen: list[str], expected: list[str]) -> bool:
     return len(seen) >= 5 and seen == expected[: len(seen)]
 
@@ -141,7 +106,7 @@ def test_shared_link_export_and_pages_on_postgresql(pg_stack: dict[str, Any], br
     # ---- sam signs in; the browser now holds the session cookie
     context = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True)
     first = context.new_page()
-    sign_in(first, url, "sam")
+    sign_in_page(first, url, "sam")
     eventually(
         lambda: any(c["name"] == "capsule_session" for c in context.cookies()),
         "the session cookie is set",
@@ -213,7 +178,7 @@ def test_dark_theme_and_local_time_follow_the_browser(
             timezone_id="Europe/Lisbon",
         )
         page = context.new_page()
-        sign_in(page, url, "vera")
+        sign_in_page(page, url, "vera")
         eventually(lambda p=page: p.locator(".js-plotly-plot").count() >= 4, "charts drawn")
         backgrounds[scheme] = page.evaluate(
             "getComputedStyle(document.querySelector('.stApp')).backgroundColor"

@@ -4,12 +4,9 @@ the row cap; one active operation per overlapping filter)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import streamlit as st
-from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy import Engine, select, update
 
 from core import bulk, failed_filter
 from core.bootstrap import build_app
@@ -20,15 +17,8 @@ from core.failed_filter import FailedFilter
 from core.models import Delivery, ErrorClass, Letter, Status
 from core.policy import utcnow
 from tests.conftest import RecordingEnqueuer
-from tests.console.conftest import Runner, Seams
+from tests.console.conftest import Runner
 from tests.console.test_pages import OPS, VIEWER, texts
-
-
-@pytest.fixture
-def engine(console_env: Seams) -> Iterator[Engine]:
-    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
-    yield engine
-    engine.dispose()
 
 
 def test_health_page_names_the_missing_keys_and_how_many_letters_wait(

@@ -3,9 +3,7 @@ and launch, against a seeded SQLite database."""
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -28,13 +26,6 @@ from tests.console.markdown import plain
 VIEWER = Operator("vera", Role.VIEWER, "Vera")
 SUPPORT = Operator("sam", Role.SUPPORT, "Sam")
 OPS = Operator("olga", Role.OPS, "Olga")
-
-
-@pytest.fixture
-def engine(console_env: Seams) -> Iterator[Engine]:
-    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
-    yield engine
-    engine.dispose()
 
 
 def failed_frame(engine: Engine, flt: FailedFilter | None = None) -> list[str]:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
-from sqlalchemy import Engine, create_engine, update
+from sqlalchemy import Engine, update
 from streamlit.testing.v1 import AppTest
 
 from core import failed_filter
@@ -27,13 +25,6 @@ from tests.console.conftest import ENTRY, Runner, Seams, accounts, markdown_valu
 from tests.console.markdown import plain
 
 SUPPORT = Operator("sam", Role.SUPPORT, "Sam")
-
-
-@pytest.fixture
-def engine(console_env: Seams) -> Iterator[Engine]:
-    engine = create_engine(os.environ["CAPSULE_DATABASE_URL"])
-    yield engine
-    engine.dispose()
 
 
 def failed(

@@ -7,6 +7,7 @@ email_factory        email_factory(**overrides) -> Email with a fresh idempotenc
 closed_port          a localhost port nothing listens on (connection refused)
 circuit_sessions     a session factory on a fresh SQLite file with the schema
 ratelimit_redis      (redis client on db 15, a key prefix owned by this test)
+webhook              an alert webhook + heartbeat URL that records what it gets (alert_webhook)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from core.config import Settings
 from core.db import SessionFactory, make_engine, make_session_factory
 from core.models import Base
 from core.providers.base import Email
+from tests.fakes.alert_webhook import Webhook
 from tests.fakes.smtp_server import FakeSmtpServer, free_port
 
 RATELIMIT_REDIS_URL = os.environ.get("CAPSULE_TEST_RATELIMIT_REDIS", "redis://127.0.0.1:6379/15")
@@ -132,3 +134,11 @@ def ratelimit_redis() -> Iterator[tuple[Any, str]]:
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             client.delete(key)
         client.close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    """An alert webhook and heartbeat URL on a free port; `.posts`, `.heartbeats`, `.answer()`."""
+    hook = Webhook()
+    yield hook
+    hook.close()

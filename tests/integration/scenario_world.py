@@ -101,16 +101,7 @@ class World:
         return consumer
 
     def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
-        return schedule_delivery(
-            self.app,
-            user_id=self.user_id,
-            recipient="future@example.com",
-            subject="To me",
-            body=f"Dear future me {uuid.uuid4()}",
-            deliver_at=at,
-            now=now or utcnow(),
-            actor="owner@example.com",
-        ).delivery_id
+        return schedule_letter(self.app, self.user_id, at, now=now)
 
     def row(self, delivery_id: uuid.UUID) -> Delivery:
         with session_scope(self.app.session_factory) as session:
@@ -137,6 +128,59 @@ class World:
         a second send request under the letter's own key."""
         alone = self.server.count_for_key(self.row(delivery_id).idempotency_key)
         return len(self.server.messages_for_delivery(str(delivery_id))) == 1 and alone <= 1
+
+    def wipe_broker(self) -> int:
+        """Lose everything the broker held for this system (our keys only)."""
+        import redis
+
+        assert self.system.redis_url is not None
+        with redis.Redis.from_url(self.system.redis_url) as client:
+            keys = list(client.scan_iter(match=f"*{self.system.huey_name}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        return len(keys)
+
+    def assert_each_sent_once(self, *, resent_at_most: int = 0) -> None:
+        """Each letter reached the provider in one send request, counted at the fake.
+
+        Stored messages are not enough: Resend answers a known key with the first message and
+        stores nothing, so twins sending one letter would look like one. `resent_at_most`:
+        how many letters may have had a second request with the same key (a run killed
+        mid-send is re-run with its key; the fake replays it, as Resend does within 24 h).
+        """
+        keys = [r.idempotency_key for r in self.rows()]
+        stored = {k: self.server.count_for_key(k) for k in keys}
+        requests = {k: self.server.requests_for_key(k) for k in keys}
+        replays = {k: self.server.replays_for_key(k) for k in keys}
+        duplicates = {k: c for k, c in stored.items() if c > 1}
+        missing = [k for k, c in stored.items() if c == 0]
+        assert not duplicates, f"sent more than once: {duplicates}"
+        assert not missing, f"never sent: {len(missing)}"
+        resent = {k: n for k, n in requests.items() if n > 1}
+        assert all(requests[k] - replays[k] == 1 for k in resent), f"resent: {resent}"
+        assert len(resent) <= resent_at_most, f"{len(resent)} letters sent twice: {resent}"
+
+
+def schedule_letter(
+    app: App,
+    user_id: int,
+    at: datetime,
+    *,
+    now: datetime | None = None,
+    recipient: str = "future@example.com",
+    body: str | None = None,
+) -> uuid.UUID:
+    """Schedule one letter through core, as its owner; a unique body unless one is given."""
+    return schedule_delivery(
+        app,
+        user_id=user_id,
+        recipient=recipient,
+        subject="To me",
+        body=body or f"Dear future me {uuid.uuid4()}",
+        deliver_at=at,
+        now=now or utcnow(),
+        actor="owner@example.com",
+    ).delivery_id
 
 
 def _app(system: System, keyring: Keyring) -> App:

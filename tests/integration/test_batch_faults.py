@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from benchmarks.fakes.provider_server import FakeProviderServer
 from benchmarks.harness import wait_for
@@ -21,8 +21,9 @@ from core.db import make_engine, session_scope
 from core.models import Delivery, DeliveryBatch, ErrorClass, Status
 from core.policy import utcnow
 from core.worker import run_delivery
-from tests.conftest import T0, RecordingEnqueuer
-from tests.integration.test_consumers import Live, live, reconfigure  # noqa: F401
+from tests.conftest import T0, RecordingEnqueuer, set_row
+from tests.integration.scenario_world import World
+from tests.integration.test_consumers import live, reconfigure  # noqa: F401
 from tests.integration.test_transitions import make_user, row, schedule
 from tests.integration.test_worker import provider_settings
 
@@ -226,11 +227,7 @@ def test_one_refused_letter_in_a_permissive_batch_fails_alone(
     resend_world: App, provider_server: FakeProviderServer
 ) -> None:
     ids = due_letters(resend_world, 3)
-    with session_scope(resend_world.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[1]).values(recipient_email="not an address")
-        )
-        session.commit()
+    set_row(resend_world, ids[1], recipient_email="not an address")
 
     run_delivery(resend_world, ids[0], "t1", clock=lambda: AT_DUE)
 
@@ -247,11 +244,7 @@ def test_postmark_batch_refusal_of_one_message_fails_only_that_letter(
 ) -> None:
     provider_server.mark_inactive("dead@example.com")
     ids = due_letters(postmark_world, 3)
-    with session_scope(postmark_world.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[2]).values(recipient_email="dead@example.com")
-        )
-        session.commit()
+    set_row(postmark_world, ids[2], recipient_email="dead@example.com")
 
     run_delivery(postmark_world, ids[0], "t1", clock=lambda: AT_DUE)
 
@@ -286,7 +279,7 @@ def test_postmark_unknown_batch_outcome_is_settled_by_looking_each_letter_up(
 # ---------------------------------------------------------------- real consumers
 
 
-def batch_env(live: Live, **extra: str) -> None:
+def batch_env(live: World, **extra: str) -> None:
     env = {
         "CAPSULE_BATCH_SIZE": "100",
         "CAPSULE_PROVIDERS": "resend",
@@ -297,20 +290,20 @@ def batch_env(live: Live, **extra: str) -> None:
     reconfigure(live, **{**env, **extra})
 
 
-def assert_each_letter_stored_once(live: Live) -> None:
+def assert_each_letter_stored_once(live: World) -> None:
     ids = [str(r.id) for r in live.rows()]
     counts = {i: len(live.server.messages_for_delivery(i)) for i in ids}
     assert {c for c in counts.values()} == {1}, {i: c for i, c in counts.items() if c != 1}
 
 
-def batch_keys(live: Live) -> list[str]:
+def batch_keys(live: World) -> list[str]:
     with session_scope(live.app.session_factory) as session:
         return list(session.scalars(select(DeliveryBatch.idempotency_key)))
 
 
 @pytest.mark.parametrize("fault", ["503", "stored:503", "stall:2", "drop", "429:1"])
 def test_a_real_consumer_sends_each_letter_once_through_a_batch_fault(
-    live: Live, fault: str
+    live: World, fault: str
 ) -> None:
     # Given a consumer, a fake that fails the first batch call with `fault`, and 40 letters
     # due at one instant
@@ -334,7 +327,7 @@ def test_a_real_consumer_sends_each_letter_once_through_a_batch_fault(
         assert replays >= 1  # the unknown outcome was settled by a replay, same key
 
 
-def test_a_consumer_killed_mid_batch_is_recovered_by_replaying_the_batch(live: Live) -> None:
+def test_a_consumer_killed_mid_batch_is_recovered_by_replaying_the_batch(live: World) -> None:
     # Given a fake that stores the batch and stalls 6 s, and a client that waits 20 s
     batch_env(live, CAPSULE_PROVIDER_READ_TIMEOUT="20", CAPSULE_LEASE_SECONDS="60")
     live.server.set_faults("resend", ["stall:6"])

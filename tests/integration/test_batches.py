@@ -15,11 +15,11 @@ from sqlalchemy import select, update
 
 from core import batches
 from core.bootstrap import App, build_app
-from core.claims import claim
+from core.claims import Claim, claim
 from core.db import make_engine, session_scope
 from core.models import Delivery, DeliveryAttempt, DeliveryBatch, ErrorClass, Status
 from core.worker import run_delivery
-from tests.conftest import T0, RecordingEnqueuer
+from tests.conftest import T0, RecordingEnqueuer, set_row
 from tests.integration.test_transitions import make_user, row, schedule
 
 DUE = T0 + timedelta(minutes=10)
@@ -91,16 +91,8 @@ def test_a_lone_due_letter_goes_alone_without_a_batch(app: App) -> None:
 def test_pinned_recovering_and_not_yet_due_letters_are_left_out_of_a_batch(app: App) -> None:
     ids = due_letters(app, 5)
     later = due_letters(app, 1, at=DUE + timedelta(minutes=5))
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[3]).values(pinned_provider="outbox")
-        )
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == ids[4])
-            .values(error_class=ErrorClass.LEASE_EXPIRED)
-        )
-        session.commit()
+    set_row(app, ids[3], pinned_provider="outbox")
+    set_row(app, ids[4], error_class=ErrorClass.LEASE_EXPIRED)
 
     run_delivery(app, ids[0], "t1", clock=lambda: AT_DUE)
 
@@ -126,6 +118,29 @@ def test_batch_size_one_sends_each_letter_alone(
         engine.dispose()
 
 
+def gather(
+    app: App,
+    own_id: uuid.UUID,
+    task_id: str,
+    *,
+    limit: int,
+    lease_seconds: int = 300,
+    open_with: str | None = None,
+) -> tuple[Claim, list[Claim]]:
+    """One run's claim of its own letter and of up to `limit` more, in one transaction; with
+    `open_with`, the batch for that provider is opened in it too."""
+    with session_scope(app.session_factory) as session:
+        own = claim(session, own_id, task_id, now=AT_DUE, lease_seconds=lease_seconds)
+        assert own is not None
+        more = batches.claim_more(
+            session, task_id, limit=limit, now=AT_DUE, lease_seconds=lease_seconds
+        )
+        if open_with is not None:
+            batches.open_batch(session, [own, *more], open_with, now=AT_DUE)
+        session.commit()
+    return own, more
+
+
 def test_a_letter_another_run_holds_is_never_claimed_again(app: App) -> None:
     # Given a letter already claimed by another run (processing under its lease)
     ids = due_letters(app, 4)
@@ -135,11 +150,7 @@ def test_a_letter_another_run_holds_is_never_claimed_again(app: App) -> None:
         session.commit()
 
     # When a run gathers a batch
-    with session_scope(app.session_factory) as session:
-        own = claim(session, ids[0], "t1", now=AT_DUE, lease_seconds=300)
-        assert own is not None
-        more = batches.claim_more(session, "t1", limit=10, now=AT_DUE, lease_seconds=300)
-        session.commit()
+    _, more = gather(app, ids[0], "t1", limit=10)
 
     # Then it takes only the scheduled ones; the held letter keeps its run and its lease
     assert sorted(c.delivery_id for c in more) == sorted(ids[1:3])
@@ -155,16 +166,12 @@ def test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting(
     ids = due_letters(app, 30)
     # the second run's own letter is pinned, so the first run's batch cannot take it (a run
     # whose own row is in another's claim waits for that transaction, then finds nothing)
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == ids[1]).values(pinned_provider="outbox")
-        )
-        session.commit()
+    set_row(app, ids[1], pinned_provider="outbox")
     taken: dict[str, list[uuid.UUID]] = {}
     first_holds = threading.Event()
     second_done = threading.Event()
 
-    def gather(name: str, own: uuid.UUID, hold: bool) -> None:
+    def take(name: str, own: uuid.UUID, hold: bool) -> None:
         with session_scope(app.session_factory) as session:
             mine = claim(session, own, name, now=AT_DUE, lease_seconds=300)
             assert mine is not None
@@ -176,10 +183,10 @@ def test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting(
                 assert second_done.wait(10)
             session.commit()
 
-    first = threading.Thread(target=gather, args=("a", ids[0], True))
+    first = threading.Thread(target=take, args=("a", ids[0], True))
     first.start()
     assert first_holds.wait(10)
-    gather("b", ids[1], False)
+    take("b", ids[1], False)
     second_done.set()
     first.join(10)
 
@@ -189,25 +196,12 @@ def test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting(
 
 def test_every_letter_is_in_at_most_one_live_batch(app: App) -> None:
     ids = due_letters(app, 6)
-    with session_scope(app.session_factory) as session:
-        own = claim(session, ids[0], "t1", now=AT_DUE, lease_seconds=300)
-        assert own is not None
-        more = batches.claim_more(session, "t1", limit=2, now=AT_DUE, lease_seconds=300)
-        batches.open_batch(session, [own, *more], "outbox", now=AT_DUE)
-        session.commit()
+    _, more = gather(app, ids[0], "t1", limit=2, open_with="outbox")
     # a member released back to scheduled while its batch is live (kept for a replay)
     member = more[0].delivery_id
-    with session_scope(app.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == member).values(status=Status.SCHEDULED)
-        )
-        session.commit()
+    set_row(app, member, status=Status.SCHEDULED)
 
-    with session_scope(app.session_factory) as session:
-        other = claim(session, ids[5], "t2", now=AT_DUE, lease_seconds=300)
-        assert other is not None
-        again = batches.claim_more(session, "t2", limit=10, now=AT_DUE, lease_seconds=300)
-        session.commit()
+    _, again = gather(app, ids[5], "t2", limit=10)
 
     assert member not in {c.delivery_id for c in again}
     assert len(again) == 2  # the two letters in no batch
@@ -236,12 +230,7 @@ def test_a_batch_member_whose_run_died_goes_alone_pinned_to_the_batch_provider(a
     from core.claims import recover_expired_lease
 
     ids = due_letters(app, 3)
-    with session_scope(app.session_factory) as session:
-        own = claim(session, ids[0], "dead", now=AT_DUE, lease_seconds=1)
-        assert own is not None
-        more = batches.claim_more(session, "dead", limit=5, now=AT_DUE, lease_seconds=1)
-        batches.open_batch(session, [own, *more], "outbox", now=AT_DUE)
-        session.commit()
+    gather(app, ids[0], "dead", limit=5, lease_seconds=1, open_with="outbox")
     later = AT_DUE + timedelta(seconds=5)
     with session_scope(app.session_factory) as session:
         assert all(recover_expired_lease(session, i, now=later) for i in ids)
@@ -258,8 +247,6 @@ def test_a_batch_member_whose_run_died_goes_alone_pinned_to_the_batch_provider(a
 
 def test_replace_keeps_claims_frozen() -> None:
     # dataclasses.replace on Claim is how a member is pinned; a guard against a mutable Claim
-    from core.claims import Claim
-
     c = Claim(uuid.uuid4(), "t", 1, 1, "k", "a@b.c", uuid.uuid4(), 1, None, None)
     assert replace(c, pinned_provider="x").pinned_provider == "x" and c.pinned_provider is None
 
@@ -305,11 +292,7 @@ def test_letters_already_sent_never_take_a_batch_s_places(app: App) -> None:
     ids = due_letters(app, 3)
 
     # When a run gathers two more letters
-    with session_scope(app.session_factory) as session:
-        own = claim(session, ids[0], "t1", now=AT_DUE, lease_seconds=300)
-        assert own is not None
-        more = batches.claim_more(session, "t1", limit=2, now=AT_DUE, lease_seconds=300)
-        session.commit()
+    _, more = gather(app, ids[0], "t1", limit=2)
 
     # Then it gets both scheduled ones: the sent rows are not even picked
     assert sorted(c.delivery_id for c in more) == sorted(ids[1:])

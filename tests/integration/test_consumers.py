@@ -8,150 +8,41 @@ minute boundaries; they measure, they do not sleep to fake time.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import select
 
 from benchmarks.fakes.provider_server import FakeProviderServer
 from benchmarks.harness import Consumer, System, wait_for
-from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
-from core.deliveries import create_user, schedule_delivery
-from core.models import Delivery, ReconcilerRun, Status
+from core.models import ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import run_backstop
 from core.worker import run_delivery
 from tasks.delivery import HueyEnqueuer
-from tasks.queue import make_huey
-from tests.conftest import KEY_ENTRY, truncate_all
+from tests.conftest import KEY_ENTRY
+from tests.integration import scenario_world
+from tests.integration.scenario_world import World
 
-
-@dataclass
-class Live:
-    system: System
-    app: App
-    server: FakeProviderServer
-    redis: redis.Redis
-    prefix: str
-    consumers: list[Consumer] = field(default_factory=list)
-    user_id: int = 0
-
-    def consumer(self, **kwargs: object) -> Consumer:
-        consumer = Consumer(self.system, **kwargs).start()  # type: ignore[arg-type]
-        self.consumers.append(consumer)
-        return consumer
-
-    def schedule(self, at: datetime, now: datetime | None = None) -> uuid.UUID:
-        now = now or utcnow()
-        return schedule_delivery(
-            self.app,
-            user_id=self.user_id,
-            recipient="future@example.com",
-            subject="To me",
-            body=f"Dear future me {uuid.uuid4()}",
-            deliver_at=at,
-            now=now,
-            actor="owner@example.com",
-        ).delivery_id
-
-    def rows(self) -> list[Delivery]:
-        with session_scope(self.app.session_factory) as session:
-            return list(session.scalars(select(Delivery)))
-
-    def count(self, status: str) -> int:
-        with session_scope(self.app.session_factory) as session:
-            return int(
-                session.scalar(
-                    select(func.count()).select_from(Delivery).where(Delivery.status == status)
-                )
-                or 0
-            )
-
-    def wipe_broker(self) -> int:
-        """Lose everything the broker held for this system (our keys only)."""
-        keys = list(self.redis.scan_iter(match=f"*{self.prefix}*", count=1000))
-        if keys:
-            self.redis.delete(*keys)
-        return len(keys)
-
-    def assert_each_sent_once(self, *, resent_at_most: int = 0) -> None:
-        """Each letter reached the provider in one send request, counted at the fake.
-
-        Stored messages are not enough: Resend answers a known key with the first message and
-        stores nothing, so twins sending one letter would look like one. `resent_at_most`:
-        how many letters may have had a second request with the same key (a run killed
-        mid-send is re-run with its key; the fake replays it, as Resend does within 24 h).
-        """
-        keys = [r.idempotency_key for r in self.rows()]
-        stored = {k: self.server.count_for_key(k) for k in keys}
-        requests = {k: self.server.requests_for_key(k) for k in keys}
-        replays = {k: self.server.replays_for_key(k) for k in keys}
-        duplicates = {k: c for k, c in stored.items() if c > 1}
-        missing = [k for k, c in stored.items() if c == 0]
-        assert not duplicates, f"sent more than once: {duplicates}"
-        assert not missing, f"never sent: {len(missing)}"
-        resent = {k: n for k, n in requests.items() if n > 1}
-        assert all(requests[k] - replays[k] == 1 for k in resent), f"resent: {resent}"
-        assert len(resent) <= resent_at_most, f"{len(resent)} letters sent twice: {resent}"
+# These tests count one send request per letter key: the one-letter path. Batches (one request,
+# one key for many letters) are tested in test_batch_faults.py.
+ONE_LETTER = {"CAPSULE_BATCH_SIZE": "1"}
 
 
 def provider_env(server: FakeProviderServer, **extra: str) -> dict[str, str]:
-    return {
-        "CAPSULE_PROVIDERS": "resend,postmark",
-        "CAPSULE_RESEND_API_KEY": server.resend_api_key,
-        "CAPSULE_RESEND_BASE_URL": server.url,
-        "CAPSULE_POSTMARK_SERVER_TOKEN": server.postmark_token,
-        "CAPSULE_POSTMARK_BASE_URL": server.url,
-        "CAPSULE_PROVIDER_RATE_PER_SECOND": "1000",
-        "CAPSULE_CIRCUIT_FAILURE_THRESHOLD": "1000",
-        # These tests count one send request per letter key: the one-letter path. Batches
-        # (one request, one key for many letters) are tested in test_batch_faults.py.
-        "CAPSULE_BATCH_SIZE": "1",
-        **extra,
-    }
+    return scenario_world.provider_env(server, **{**ONE_LETTER, **extra})
 
 
 @pytest.fixture
-def live(
-    pg_database: str,
-    redis_prefix: str,
-    redis_url: str,
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    keyring,
-) -> Iterator[Live]:
-    engine = create_engine(pg_database)
-    truncate_all(engine)
-    engine.dispose()
-    system = System(
-        var_dir=tmp_path / "var",
-        database_url=pg_database,
-        key_entry=KEY_ENTRY,
-        redis_url=redis_url,
-        huey_name=redis_prefix,
-        settings=provider_env(provider_server),
-    )
-    settings = Settings.from_env(system.env)
-    app = build_app(settings, HueyEnqueuer(make_huey(settings)), keyring=keyring)
-    client = redis.Redis.from_url(redis_url)
-    world = Live(system, app, provider_server, client, redis_prefix)
-    with session_scope(app.session_factory) as session:
-        world.user_id = create_user(session, "owner@example.com", "Owner", utcnow(), 100_000).id
-        session.commit()
-    yield world
-    for consumer in world.consumers:
-        consumer.kill()
-    app.engine.dispose()
-    client.close()
+def live(open_world: Callable[..., World]) -> World:
+    return open_world(marker=False, **ONE_LETTER)
 
 
-def reconfigure(live: Live, **env: str) -> None:
+def reconfigure(live: World, **env: str) -> None:
     live.system.settings.update(env)
     live.app.settings = Settings.from_env(live.system.env)
 
@@ -159,7 +50,7 @@ def reconfigure(live: Live, **env: str) -> None:
 # ---------------------------------------------------------------- exactly once
 
 
-def test_two_consumer_processes_with_duplicate_tasks_send_each_letter_once(live: Live) -> None:
+def test_two_consumer_processes_with_duplicate_tasks_send_each_letter_once(live: World) -> None:
     # Given two consumers and 30 letters due in two seconds, each with three extra twin tasks
     live.consumer()
     live.consumer()
@@ -180,7 +71,7 @@ def test_two_consumer_processes_with_duplicate_tasks_send_each_letter_once(live:
 
 @pytest.mark.parametrize("provider", ["resend", "postmark"])
 def test_consumer_killed_after_claim_before_record_sends_no_second_message_on_recovery(
-    live: Live, provider: str
+    live: World, provider: str
 ) -> None:
     # Given a provider that accepts and then stalls for 6 s, and a client that waits 20 s
     reconfigure(
@@ -261,7 +152,7 @@ def test_embedded_default_consumer_delivers_to_the_outbox(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_broker_flushed_with_500_due_all_sent_once_within_two_minutes(live: Live) -> None:
+def test_broker_flushed_with_500_due_all_sent_once_within_two_minutes(live: World) -> None:
     # Given a running consumer and 500 letters due over the next 30 s, all dispatched
     live.consumer()
     start = utcnow()
@@ -283,7 +174,7 @@ def test_broker_flushed_with_500_due_all_sent_once_within_two_minutes(live: Live
 
 
 @pytest.mark.slow
-def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live: Live) -> None:
+def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live: World) -> None:
     # The fake's search has no lag here: a short settle window keeps the recovered rows quick
     reconfigure(
         live,
@@ -322,7 +213,7 @@ def test_consumer_sigkilled_mid_batch_and_restarted_sends_every_letter_once(live
 
 @pytest.mark.slow
 def test_two_consumers_share_one_backstop_run_per_minute_and_survive_losing_the_runner(
-    live: Live,
+    live: World,
 ) -> None:
     first, second = live.consumer(), live.consumer()
     by_pid = {str(first.process.pid): first, str(second.process.pid): second}  # type: ignore[union-attr]
@@ -365,7 +256,7 @@ def test_two_consumers_share_one_backstop_run_per_minute_and_survive_losing_the_
 
 
 def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_rotation_and_wipe(
-    live: Live,
+    live: World,
 ) -> None:
     now = utcnow()
     far = now + timedelta(days=365 * 20)
@@ -411,7 +302,7 @@ def test_a_letter_twenty_years_ahead_waits_outside_redis_and_is_sent_once_after_
 # ---------------------------------------------------------------- the backup for the backup
 
 
-def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: Live) -> None:
+def test_reconcile_inline_delivers_due_letters_with_the_broker_down(live: World) -> None:
     from tests.fakes.smtp_server import free_port
 
     # Given letters that came due while the broker was down (no task was ever queued)

@@ -20,8 +20,9 @@ from core.locks import single_runner
 from core.models import Delivery, ReconcilerRun, Status
 from core.policy import utcnow
 from core.reconcile import DISPATCHER, redispatch_if_marker_lost
-from tests.conftest import T0, RecordingEnqueuer
-from tests.integration.test_consumers import Live, live, reconfigure  # noqa: F401  (fixture)
+from tests.conftest import T0, RecordingEnqueuer, set_row
+from tests.integration.scenario_world import World
+from tests.integration.test_consumers import live, reconfigure  # noqa: F401  (fixture)
 from tests.integration.test_transitions import LATER, SOON, make_user, row, schedule
 
 LETTERS = 60
@@ -35,7 +36,7 @@ NEXT_PERIODIC = 57.0
 
 @pytest.mark.slow
 def test_a_wiped_broker_is_noticed_within_seconds_and_what_is_due_goes_out_once(
-    live: Live,  # noqa: F811  (the fixture imported above)
+    live: World,  # noqa: F811  (the fixture imported above)
 ) -> None:
     reconfigure(live, CAPSULE_MARKER_CHECK_SECONDS="1")
     started = time.monotonic()
@@ -135,11 +136,7 @@ def test_dispatching_many_records_each_dispatch_in_one_go_and_never_over_a_newer
             raise EnqueueError(delivery_id, "refused (test)")
         task_id = original(delivery_id, eta)
         if delivery_id == ids[2]:
-            with session_scope(app.session_factory) as session:
-                session.execute(
-                    update(Delivery).where(Delivery.id == ids[2]).values(task_id="retry-task")
-                )
-                session.commit()
+            set_row(app, ids[2], task_id="retry-task")
         return task_id
 
     enqueuer.enqueue = enqueue  # type: ignore[method-assign]

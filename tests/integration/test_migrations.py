@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 
 from core.migrate import alembic_config, current, upgrade
 from core.models import Base
-from tests.conftest import PG_ADMIN_URL, service_missing
+from tests.conftest import fresh_pg_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -26,19 +26,10 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         yield engine
         engine.dispose()
         return
-    name = f"capsule_migrations_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        service_missing("PostgreSQL", exc)
-    engine = create_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
-    yield engine
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_pg_database(f"capsule_migrations_{uuid.uuid4().hex[:8]}") as url:
+        engine = create_engine(url)
+        yield engine
+        engine.dispose()
 
 
 def differences(engine: Engine) -> list[Any]:

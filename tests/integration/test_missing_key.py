@@ -11,31 +11,30 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from benchmarks.fakes.provider_server import FakeProviderServer
 from core import health
 from core.bootstrap import App, build_app
 from core.crypto import Keyring, generate_key_entry
 from core.db import make_engine, session_scope
-from core.models import Alert, Delivery, DeliveryAttempt, ErrorClass, Letter, Notification, Status
+from core.models import Alert, DeliveryAttempt, ErrorClass, Letter, Notification, Status
 from core.policy import utcnow
 from core.reconcile import BACKSTOP, run_safety_net
 from core.worker import run_delivery
-from tests.conftest import KEY_ENTRY, RecordingEnqueuer
-from tests.integration.test_safety_nets import Webhook
+from tests.conftest import KEY_ENTRY, RecordingEnqueuer, set_row
+from tests.fakes.alert_webhook import Webhook
 from tests.integration.test_transitions import events, row
 from tests.integration.test_worker import due_now, provider_settings
 
 OTHER_KEY = generate_key_entry("other")
 
 
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.server.shutdown()
-    hook.server.server_close()
+def due_now_with(app: App, **values: object) -> uuid.UUID:
+    """A due letter whose row then holds `values` (what an earlier run left behind)."""
+    delivery_id = due_now(app)
+    set_row(app, delivery_id, **values)
+    return delivery_id
 
 
 @pytest.fixture
@@ -124,12 +123,7 @@ def test_a_missing_key_keeps_the_pin_of_a_letter_that_may_have_reached_its_provi
     apps: tuple[App, App],
 ) -> None:
     full, lost = apps
-    delivery_id = due_now(full)
-    with session_scope(full.session_factory) as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == delivery_id).values(pinned_provider="resend")
-        )
-        session.commit()
+    delivery_id = due_now_with(full, pinned_provider="resend")
 
     assert run_delivery(lost, delivery_id, "t1") == Status.SCHEDULED
     assert row(full, delivery_id).pinned_provider == "resend"
@@ -173,14 +167,7 @@ def test_a_letter_whose_earlier_run_died_mid_send_still_looks_first_after_waitin
     # Given a letter whose earlier run died mid-send (its lease was recovered: the provider may
     # hold it), and a worker whose keyring lost the letter's key
     full, lost = apps
-    delivery_id = due_now(full)
-    with session_scope(full.session_factory) as session:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id)
-            .values(error_class=ErrorClass.LEASE_EXPIRED)
-        )
-        session.commit()
+    delivery_id = due_now_with(full, error_class=ErrorClass.LEASE_EXPIRED)
     now = utcnow()
 
     # When that worker runs it

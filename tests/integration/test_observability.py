@@ -21,7 +21,8 @@ from core.db import session_scope
 from core.models import ReconcilerRun, Status
 from core.policy import utcnow
 from tests.fakes.smtp_server import free_port
-from tests.integration.test_consumers import Live, live  # noqa: F401  (fixture)
+from tests.integration.scenario_world import World
+from tests.integration.test_consumers import live  # noqa: F401  (fixture)
 
 LETTERS = 4
 
@@ -45,7 +46,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def exporter(live: Live) -> Iterator[int]:  # noqa: F811
+def exporter(live: World) -> Iterator[int]:  # noqa: F811
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "capsule"), "exporter", "--port", str(port)],
@@ -70,7 +71,7 @@ def _answers(port: int) -> bool:
 
 
 def test_consumer_metrics_and_json_logs_match_what_was_delivered(
-    live: Live,  # noqa: F811
+    live: World,  # noqa: F811
     exporter: int,
 ) -> None:
     # Given a consumer with metrics on its own port and JSON logs
@@ -118,7 +119,7 @@ def test_consumer_metrics_and_json_logs_match_what_was_delivered(
 
 
 def test_exporter_reports_due_unclaimed_and_consumer_health_fails_without_a_consumer(
-    live: Live,  # noqa: F811
+    live: World,  # noqa: F811
     exporter: int,
 ) -> None:
     # Given two letters overdue by ten minutes and no consumer running
@@ -139,7 +140,7 @@ def test_exporter_reports_due_unclaimed_and_consumer_health_fails_without_a_cons
 
 
 @pytest.mark.slow
-def test_the_consumer_counts_the_safety_net_runs_it_makes(live: Live) -> None:  # noqa: F811
+def test_the_consumer_counts_the_safety_net_runs_it_makes(live: World) -> None:  # noqa: F811
     # Given a consumer with metrics on
     port = free_port()
     live.system.settings.update({"CAPSULE_METRICS_PORT": str(port)})

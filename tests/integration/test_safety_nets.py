@@ -3,14 +3,9 @@ clock, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from core import alerts
 from core.bootstrap import App
@@ -29,7 +24,8 @@ from core.reconcile import (
     run_safety_net,
     slot_for,
 )
-from tests.conftest import T0, RecordingEnqueuer
+from tests.conftest import T0, RecordingEnqueuer, set_row
+from tests.fakes.alert_webhook import Webhook
 from tests.integration.test_transitions import LATER, SOON, fail, make_user, row, schedule
 
 
@@ -246,11 +242,7 @@ def test_a_slot_whose_runner_died_mid_run_is_run_again_in_the_same_slot(
         session.add(ReconcilerRun(kind=DISPATCHER, runner="killed", slot=slot, started_at=now))
         session.commit()
     result = schedule(app, make_user(app), at=now + timedelta(seconds=30))
-    with session_scope(app.session_factory) as session:  # its task was lost with the broker
-        session.execute(
-            update(Delivery).where(Delivery.id == result.delivery_id).values(task_id=None)
-        )
-        session.commit()
+    set_row(app, result.delivery_id, task_id=None)  # its task was lost with the broker
 
     # When another consumer's dispatcher fires in the same minute
     later = now + timedelta(seconds=20)
@@ -307,52 +299,6 @@ def test_a_crashing_run_is_recorded_as_failed_and_alerts(app: App, webhook) -> N
 
 
 # ---------------------------------------------------------------- alerts and heartbeat
-
-
-class Recorder(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        self.server.posts.append(json.loads(self.rfile.read(length)))  # type: ignore[attr-defined]
-        self.send_response(self.server.status)  # type: ignore[attr-defined]
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        self.server.heartbeats += 1  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class Webhook:
-    def __init__(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-        self.server.posts = []  # type: ignore[attr-defined]
-        self.server.heartbeats = 0  # type: ignore[attr-defined]
-        self.server.status = 200  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.heartbeat_url = f"http://127.0.0.1:{self.server.server_address[1]}/ping"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def posts(self) -> list[dict[str, str]]:
-        return self.server.posts  # type: ignore[attr-defined, no-any-return]
-
-    @property
-    def heartbeats(self) -> int:
-        return self.server.heartbeats  # type: ignore[attr-defined, no-any-return]
-
-    def answer(self, status: int) -> None:
-        self.server.status = status  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.server.shutdown()
-    hook.server.server_close()
 
 
 def test_stuck_rows_raise_one_alert_per_window_and_every_good_run_pings_the_heartbeat(

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from benchmarks.fakes.provider_server import FakeProviderServer
 from benchmarks.harness import Consumer, wait_for
-from core.crypto import Keyring
 from core.models import Status
 from core.policy import utcnow
 from tests.integration.scenario_world import World
@@ -27,26 +24,8 @@ TWINS = (-6.0, -2.0, 4.0)  # extra tasks per letter, seconds from its due time
 
 
 @pytest.fixture
-def world(
-    pg_database: str,
-    redis_url: str,
-    redis_prefix: str,
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    keyring: Keyring,
-) -> Iterator[World]:
-    world = World.open(
-        pg_database,
-        redis_url,
-        redis_prefix,
-        provider_server,
-        tmp_path / "var",
-        keyring,
-        CAPSULE_PROVIDERS="resend",
-    )
-    world.app.enqueuer.set_marker()  # no broker-loss re-dispatch in the middle of the test
-    yield world
-    world.close()
+def world(open_world: Callable[..., World]) -> World:
+    return open_world(CAPSULE_PROVIDERS="resend")
 
 
 def skewed_consumer(world: World, seconds: float) -> Consumer:

@@ -16,7 +16,7 @@ from core.bootstrap import App, build_app
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
-from core.deliveries import create_user, schedule_delivery
+from core.deliveries import create_user
 from core.models import (
     AuditEvent,
     Delivery,
@@ -30,6 +30,7 @@ from core.reconcile import run_backstop, run_failed_retrier
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer, truncate_all
 from tests.fakes.smtp_server import FakeSmtpServer
+from tests.integration.scenario_world import schedule_letter
 
 pytestmark = pytest.mark.postgres
 
@@ -66,16 +67,7 @@ def world(
 
 
 def schedule(app: App, user_id: int) -> uuid.UUID:
-    return schedule_delivery(
-        app,
-        user_id=user_id,
-        recipient=RECIPIENT,
-        subject="To me",
-        body=BODY,
-        deliver_at=DUE,
-        now=T0,
-        actor=OWNER,
-    ).delivery_id
+    return schedule_letter(app, user_id, DUE, now=T0, recipient=RECIPIENT, body=BODY)
 
 
 def notices(app: App) -> list[Notification]:

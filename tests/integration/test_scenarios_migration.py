@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, Table, create_engine, func, insert, select, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, func, insert, select
 
 from benchmarks.fakes.provider_server import FakeProviderServer
 from core.bootstrap import build_app
@@ -22,7 +22,7 @@ from core.migrate import alembic_config, current, upgrade
 from core.models import CreditEntry, Delivery, Status
 from core.reconcile import run_backstop
 from core.worker import run_delivery
-from tests.conftest import PG_ADMIN_URL, RecordingEnqueuer, service_missing
+from tests.conftest import RecordingEnqueuer, fresh_pg_database
 from tests.fakes.fixtures import fake_provider_settings
 
 pytestmark = pytest.mark.postgres
@@ -33,21 +33,11 @@ T = datetime(2031, 6, 1, 7, 0, tzinfo=UTC)
 @pytest.fixture
 def old_database() -> Iterator[tuple[Engine, str]]:
     """A fresh PostgreSQL database with the schema at revision 0001."""
-    name = f"capsule_carry_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        service_missing("PostgreSQL", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    engine = create_engine(url)
-    upgrade(engine, "0001")
-    yield engine, url
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_pg_database(f"capsule_carry_{uuid.uuid4().hex[:8]}") as url:
+        engine = create_engine(url)
+        upgrade(engine, "0001")
+        yield engine, url
+        engine.dispose()
 
 
 def fill_at_0001(engine: Engine, keyring: Keyring) -> dict[str, uuid.UUID]:

@@ -9,16 +9,14 @@ by application_name ("capsule" for the product, another name for this test's App
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
 
-from benchmarks.fakes.provider_server import FakeProviderServer
 from benchmarks.harness import Consumer, wait_for
-from core.crypto import Keyring
 from core.db import session_scope
 from core.models import AuditEvent, Delivery, DeliveryAttempt, Status
 from core.policy import utcnow
@@ -29,28 +27,10 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 
 @pytest.fixture
-def world(
-    pg_database: str,
-    redis_url: str,
-    redis_prefix: str,
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    keyring: Keyring,
-) -> Iterator[World]:
-    world = World.open(
-        pg_database,
-        redis_url,
-        redis_prefix,
-        provider_server,
-        tmp_path / "var",
-        keyring,
-        CAPSULE_PROVIDERS="resend",
-        CAPSULE_PROVIDER_READ_TIMEOUT="20",
-        CAPSULE_LEASE_SECONDS="120",
+def world(open_world: Callable[..., World]) -> World:
+    return open_world(
+        CAPSULE_PROVIDERS="resend", CAPSULE_PROVIDER_READ_TIMEOUT="20", CAPSULE_LEASE_SECONDS="120"
     )
-    world.app.enqueuer.set_marker()  # no broker-loss re-dispatch in the middle of a test
-    yield world
-    world.close()
 
 
 @pytest.fixture
@@ -69,6 +49,20 @@ def start_consumer(world: World, postgres: Postgres) -> Consumer:
         what="the consumer's first runs and its database connections",
     )
     return consumer
+
+
+def schedule_accepted_then_stalled(world: World, provider: str, seconds: int) -> uuid.UUID:
+    """A letter due in a second that `provider` stores and answers only `seconds` later;
+    returns once the provider holds it."""
+    world.server.set_faults(provider, [f"stall:{seconds}"])
+    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
+    wait_for(
+        lambda: len(world.server.messages()) == 1,
+        timeout=30,
+        interval=0.05,
+        what="the provider to accept the letter",
+    )
+    return delivery_id
 
 
 def assert_sent_exactly_once(world: World, delivery_id: object, requests: int = 1) -> None:
@@ -117,14 +111,7 @@ def test_connections_dropped_between_the_send_and_the_record(
     consumer = start_consumer(world, postgres)
 
     # Given the provider accepts the letter and then answers only after 5 s
-    world.server.set_faults("resend", ["stall:5"])
-    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
-    wait_for(
-        lambda: len(world.server.messages()) == 1,
-        timeout=30,
-        interval=0.05,
-        what="the provider to accept the letter",
-    )
+    delivery_id = schedule_accepted_then_stalled(world, "resend", 5)
 
     # When PostgreSQL drops the consumer's connections while the run waits for that answer
     pids = postgres.consumer_backends()
@@ -143,14 +130,7 @@ def test_connection_dropped_while_the_record_waits_on_a_lock(
     consumer = start_consumer(world, postgres)
 
     # Given the provider accepts the letter and then answers only after 4 s
-    world.server.set_faults("resend", ["stall:4"])
-    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
-    wait_for(
-        lambda: len(world.server.messages()) == 1,
-        timeout=30,
-        interval=0.05,
-        what="the provider to accept the letter",
-    )
+    delivery_id = schedule_accepted_then_stalled(world, "resend", 4)
 
     # And the test holds the delivery's row lock, so the run's record blocks on it
     with world.app.engine.connect() as conn:
@@ -184,28 +164,10 @@ def test_connection_dropped_while_the_record_waits_on_a_lock(
 
 
 @pytest.fixture
-def postmark_world(
-    pg_database: str,
-    redis_url: str,
-    redis_prefix: str,
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    keyring: Keyring,
-) -> Iterator[World]:
-    world = World.open(
-        pg_database,
-        redis_url,
-        redis_prefix,
-        provider_server,
-        tmp_path / "var",
-        keyring,
-        CAPSULE_PROVIDERS="postmark",
-        CAPSULE_PROVIDER_READ_TIMEOUT="20",
-        CAPSULE_LEASE_SECONDS="12",
+def postmark_world(open_world: Callable[..., World]) -> World:
+    return open_world(
+        CAPSULE_PROVIDERS="postmark", CAPSULE_PROVIDER_READ_TIMEOUT="20", CAPSULE_LEASE_SECONDS="12"
     )
-    world.app.enqueuer.set_marker()
-    yield world
-    world.close()
 
 
 def test_database_lost_for_the_whole_record_the_backstop_rerun_looks_first_and_sends_nothing(
@@ -217,14 +179,7 @@ def test_database_lost_for_the_whole_record_the_backstop_rerun_looks_first_and_s
     allow = 'ALTER DATABASE "{db}" WITH ALLOW_CONNECTIONS {flag}'
 
     # Given Postmark (no idempotency key: it can only be asked) accepts the letter, then stalls
-    world.server.set_faults("postmark", ["stall:4"])
-    delivery_id = world.schedule(utcnow() + timedelta(seconds=1))
-    wait_for(
-        lambda: len(world.server.messages()) == 1,
-        timeout=30,
-        interval=0.05,
-        what="the provider to accept the letter",
-    )
+    delivery_id = schedule_accepted_then_stalled(world, "postmark", 4)
     try:
         # When PostgreSQL drops the consumer and takes no new connection until its run gave up
         with postgres.admin.connect() as conn:

@@ -4,7 +4,7 @@ meanwhile, and the consumer lives through it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,19 +22,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 
 @pytest.fixture
-def world(
-    pg_database: str,
-    redis_url: str,
-    redis_prefix: str,
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    keyring: Keyring,
-) -> Iterator[World]:
-    world = World.open(
-        pg_database, redis_url, redis_prefix, provider_server, tmp_path / "var", keyring
-    )
-    yield world
-    world.close()
+def world(open_world: Callable[..., World]) -> World:
+    return open_world(marker=False)
 
 
 # ---------------------------------------------------------------- revoke

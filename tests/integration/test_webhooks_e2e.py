@@ -24,7 +24,7 @@ from benchmarks.harness import BIN, ROOT, Consumer, System, wait_for
 from core.bootstrap import App, build_app
 from core.config import Settings
 from core.db import session_scope
-from core.deliveries import create_user, schedule_delivery
+from core.deliveries import create_user
 from core.models import Delivery, Notification, Suppression, WebhookEvent
 from core.policy import utcnow
 from core.queries import delivery
@@ -33,6 +33,7 @@ from tasks.queue import make_huey
 from tests.conftest import KEY_ENTRY, truncate_all
 from tests.fakes.provider_webhooks import WebhookSender
 from tests.fakes.webhook_receiver import OTHER_SECRET, TEST_SECRET, svix_headers
+from tests.integration.scenario_world import schedule_letter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -51,16 +52,14 @@ class World:
 
     def schedule(self, to: str) -> uuid.UUID:
         now = utcnow()
-        return schedule_delivery(
+        return schedule_letter(
             self.app,
-            user_id=self.user_id,
-            recipient=to,
-            subject="To me",
-            body="Dear future me",
-            deliver_at=now + timedelta(seconds=1),
+            self.user_id,
+            now + timedelta(seconds=1),
             now=now,
-            actor=OWNER,
-        ).delivery_id
+            recipient=to,
+            body="Dear future me",
+        )
 
     def status(self, delivery_id: uuid.UUID) -> str:
         with session_scope(self.app.session_factory) as s:

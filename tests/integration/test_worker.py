@@ -7,6 +7,7 @@ import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -20,26 +21,17 @@ from core.models import DeliveryAttempt, Notification, Status
 from core.policy import utcnow
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer
+from tests.fakes.fixtures import fake_provider_settings
 from tests.integration.test_transitions import events, row
 
 
 def provider_settings(
     server: FakeProviderServer, tmp_path: Path, database_url: str, **extra: object
 ) -> Settings:
-    values: dict[str, object] = {
-        "var_dir": str(tmp_path),
-        "database_url": database_url,
-        "providers": ("resend", "postmark"),
-        "resend_api_key": server.resend_api_key,
-        "resend_base_url": server.url,
-        "postmark_server_token": server.postmark_token,
-        "postmark_base_url": server.url,
-        "provider_connect_timeout": 1.0,
-        "provider_read_timeout": 0.5,
-        "circuit_failure_threshold": 100,
-    }
-    values.update(extra)
-    return Settings(**values)  # type: ignore[arg-type]
+    """The fake server's Resend and Postmark on `database_url`, failing over without tripping a
+    circuit."""
+    values: dict[str, Any] = {"circuit_failure_threshold": 100, **extra}
+    return fake_provider_settings(server, tmp_path, database_url=database_url, **values)
 
 
 @pytest.fixture
