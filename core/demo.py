@@ -287,15 +287,7 @@ def _seed_failed(
     delivery.attempt_count = delivery.round_attempts = runs
     delivery.updated_at = at
     if error_class == "permanent":
-        session.add(
-            CreditEntry(
-                user_id=delivery.user_id,
-                delivery_id=delivery.id,
-                amount=1,
-                reason="refund",
-                created_at=at,
-            )
-        )
+        _refund(session, delivery, at)
     session.add(
         Notification(
             delivery_id=delivery.id,
@@ -319,6 +311,11 @@ def _seed_canceled(
     """Canceled by its owner soon after scheduling, the credit refunded."""
     at = created + timedelta(seconds=rng.uniform(10, 3600))
     delivery.status, delivery.canceled_at, delivery.updated_at = Status.CANCELED, at, at
+    _refund(session, delivery, at)
+    return [("delivery.canceled", actor, at, {"refunded": True})]
+
+
+def _refund(session: Session, delivery: Delivery, at: datetime) -> None:
     session.add(
         CreditEntry(
             user_id=delivery.user_id,
@@ -328,7 +325,6 @@ def _seed_canceled(
             created_at=at,
         )
     )
-    return [("delivery.canceled", actor, at, {"refunded": True})]
 
 
 def _seed_stuck(rng: random.Random, delivery: Delivery, now: datetime) -> None:
