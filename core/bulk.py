@@ -326,25 +326,7 @@ def launch(
     cap = app.settings.bulk_max_rows
     with session_scope(app.session_factory) as session:
         _serialize_launches(session)
-        count = failed_count(session, pinned)
-        if count == 0:
-            raise ValidationError("filter", "no failed delivery matches this filter")
-        if count > cap:
-            raise ValidationError(
-                "filter",
-                f"{count:,} deliveries match; one bulk operation may touch at most {cap:,} "
-                "(CAPSULE_BULK_MAX_ROWS): narrow the filter (error class, provider, dates, "
-                "domain) and run it in parts",
-            )
-        running = conflicting(session, pinned)
-        if running is not None:
-            raise BulkConflict(running.id, conflict_message(running))
-        if int(confirm_count) != count:
-            raise ValidationError(
-                "confirm_count",
-                f"{count} deliveries match now, not {confirm_count}: check the preview and "
-                "type the new count",
-            )
+        count = _launchable_count(session, pinned, cap, confirm_count)
         op = BulkOperation(
             action=REQUEUE,
             filter=pinned.to_dict(),
@@ -393,6 +375,30 @@ def launch(
         )
         session.commit()
     return Launched(operation_id, task_id, "pending", count)
+
+
+def _launchable_count(session: Session, pinned: FailedFilter, cap: int, confirm_count: int) -> int:
+    """The count the pinned filter matches: above 0, at most `cap`, no overlap, as confirmed."""
+    count = failed_count(session, pinned)
+    if count == 0:
+        raise ValidationError("filter", "no failed delivery matches this filter")
+    if count > cap:
+        raise ValidationError(
+            "filter",
+            f"{count:,} deliveries match; one bulk operation may touch at most {cap:,} "
+            "(CAPSULE_BULK_MAX_ROWS): narrow the filter (error class, provider, dates, "
+            "domain) and run it in parts",
+        )
+    running = conflicting(session, pinned)
+    if running is not None:
+        raise BulkConflict(running.id, conflict_message(running))
+    if int(confirm_count) != count:
+        raise ValidationError(
+            "confirm_count",
+            f"{count} deliveries match now, not {confirm_count}: check the preview and "
+            "type the new count",
+        )
+    return count
 
 
 def conflict_message(op: BulkOperation | BulkView) -> str:

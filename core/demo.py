@@ -116,6 +116,20 @@ def _pick_status(rng: random.Random) -> str:
     return "processing"
 
 
+_Event = tuple[str, str, datetime, dict[str, Any]]
+
+
+def _pick_due(rng: random.Random, status: str, created: datetime, now: datetime) -> datetime:
+    """When a seeded letter is due: years ahead if still scheduled, else since its creation."""
+    if status == "scheduled":
+        return now + timedelta(
+            days=rng.choice([2, 30, 365, 365 * 5, 365 * 20]), seconds=rng.uniform(0, 86400)
+        )
+    return created + timedelta(
+        seconds=rng.uniform(60, max(120.0, (now - created).total_seconds() - 60))
+    )
+
+
 def _one(
     session: Session,
     keyring: Keyring,
@@ -127,14 +141,37 @@ def _one(
     created = now - timedelta(days=14) + timedelta(seconds=rng.uniform(0, 14 * 86400 - 600))
     status = "scheduled" if due else _pick_status(rng)
     if due is None:
-        if status == "scheduled":
-            due = now + timedelta(
-                days=rng.choice([2, 30, 365, 365 * 5, 365 * 20]), seconds=rng.uniform(0, 86400)
-            )
-        else:
-            due = created + timedelta(
-                seconds=rng.uniform(60, max(120.0, (now - created).total_seconds() - 60))
-            )
+        due = _pick_due(rng, status, created, now)
+    delivery = _write_scheduled(session, keyring, rng, user, created, due)
+    events: list[_Event] = [
+        ("delivery.scheduled", user.email, created, {"deliver_at": due.isoformat()})
+    ]
+    if status == "sent":
+        events += _seed_sent(session, rng, delivery, due)
+    elif status == "failed":
+        events += _seed_failed(session, rng, delivery, due)
+    elif status == "canceled":
+        events += _seed_canceled(session, rng, delivery, created, user.email)
+    elif status == "stuck":
+        _seed_stuck(rng, delivery, now)
+    elif status == "processing":
+        _seed_processing(rng, delivery, now)
+    for type_, actor, at, data in events:
+        session.add(
+            AuditEvent(type=type_, actor=actor, delivery_id=delivery.id, data=data, created_at=at)
+        )
+    return status, delivery
+
+
+def _write_scheduled(
+    session: Session,
+    keyring: Keyring,
+    rng: random.Random,
+    user: User,
+    created: datetime,
+    due: datetime,
+) -> Delivery:
+    """The sealed letter, its scheduled delivery and the credit it reserved."""
     letter_id, delivery_id = uuid.uuid4(), uuid.uuid4()
     sealed = keyring.seal(
         letter_id,
@@ -175,120 +212,133 @@ def _one(
             created_at=created,
         )
     )
-    events: list[tuple[str, str, datetime, dict[str, Any]]] = [
-        ("delivery.scheduled", user.email, created, {"deliver_at": due.isoformat()})
-    ]
+    return delivery
 
-    if status == "sent":
-        rescued = rng.random() < 0.03
-        late = rng.uniform(60, 150) if rescued else rng.lognormvariate(-1.2, 0.6)
-        sent_at = due + timedelta(seconds=late)
-        provider = "postmark" if rng.random() < 0.08 else "resend"
-        if provider == "postmark":
-            _attempt(
-                session,
-                delivery,
-                rng,
-                "resend",
-                "transient",
-                due,
-                503,
-                "internal_server_error",
-                "Resend answered 503",
-            )
+
+def _seed_sent(
+    session: Session, rng: random.Random, delivery: Delivery, due: datetime
+) -> list[_Event]:
+    """Sent on time (or rescued by the backstop), after a failover to Postmark now and then."""
+    rescued = rng.random() < 0.03
+    late = rng.uniform(60, 150) if rescued else rng.lognormvariate(-1.2, 0.6)
+    sent_at = due + timedelta(seconds=late)
+    provider = "postmark" if rng.random() < 0.08 else "resend"
+    if provider == "postmark":
+        _attempt(
+            session,
+            delivery,
+            rng,
+            "resend",
+            "transient",
+            due,
+            503,
+            "internal_server_error",
+            "Resend answered 503",
+        )
+    _attempt(
+        session,
+        delivery,
+        rng,
+        provider,
+        "accepted",
+        sent_at,
+        200,
+        None,
+        None,
+        message_id=uuid.uuid4().hex,
+    )
+    delivery.status, delivery.sent_at, delivery.provider = Status.SENT, sent_at, provider
+    delivery.attempt_count = delivery.round_attempts = 1
+    delivery.updated_at = sent_at
+    events: list[_Event] = []
+    if rescued:
+        events.append(("backstop.redispatched", "backstop", due + timedelta(seconds=60), {}))
+    events.append(("delivery.sent", "system", sent_at, {"provider": provider}))
+    return events
+
+
+def _seed_failed(
+    session: Session, rng: random.Random, delivery: Delivery, due: datetime
+) -> list[_Event]:
+    """Failed after its attempts: refunded if permanent, its owner notified."""
+    error_class, provider, code, error_code, message = rng.choice(FAILURES)
+    runs = 5 if error_class == "transient" else 1
+    at = due
+    for run in range(runs):
         _attempt(
             session,
             delivery,
             rng,
             provider,
-            "accepted",
-            sent_at,
-            200,
-            None,
-            None,
-            message_id=uuid.uuid4().hex,
-        )
-        delivery.status, delivery.sent_at, delivery.provider = Status.SENT, sent_at, provider
-        delivery.attempt_count = delivery.round_attempts = 1
-        delivery.updated_at = sent_at
-        if rescued:
-            events.append(("backstop.redispatched", "backstop", due + timedelta(seconds=60), {}))
-        events.append(("delivery.sent", "system", sent_at, {"provider": provider}))
-    elif status == "failed":
-        error_class, provider, code, error_code, message = rng.choice(FAILURES)
-        runs = 5 if error_class == "transient" else 1
-        at = due
-        for run in range(runs):
-            _attempt(
-                session,
-                delivery,
-                rng,
-                provider,
-                error_class,
-                at,
-                code,
-                error_code,
-                message,
-                run=run + 1,
-            )
-            at += timedelta(seconds=30 * 2**run)
-        delivery.status, delivery.failed_at, delivery.error_class, delivery.last_error = (
-            Status.FAILED,
-            at,
             error_class,
+            at,
+            code,
+            error_code,
             message,
+            run=run + 1,
         )
-        delivery.attempt_count = delivery.round_attempts = runs
-        delivery.updated_at = at
-        if error_class == "permanent":
-            session.add(
-                CreditEntry(
-                    user_id=user.id,
-                    delivery_id=delivery_id,
-                    amount=1,
-                    reason="refund",
-                    created_at=at,
-                )
-            )
-        session.add(
-            Notification(
-                delivery_id=delivery_id,
-                user_id=user.id,
-                kind="delivery_failed",
-                status="sent",
-                idempotency_key=f"{delivery.idempotency_key}-delivery_failed",
-                requested_by="system",
-                attempts=1,
-                provider="resend",
-                created_at=at,
-                sent_at=at,
-            )
+        at += timedelta(seconds=30 * 2**run)
+    delivery.status, delivery.failed_at, delivery.error_class, delivery.last_error = (
+        Status.FAILED,
+        at,
+        error_class,
+        message,
+    )
+    delivery.attempt_count = delivery.round_attempts = runs
+    delivery.updated_at = at
+    if error_class == "permanent":
+        _refund(session, delivery, at)
+    session.add(
+        Notification(
+            delivery_id=delivery.id,
+            user_id=delivery.user_id,
+            kind="delivery_failed",
+            status="sent",
+            idempotency_key=f"{delivery.idempotency_key}-delivery_failed",
+            requested_by="system",
+            attempts=1,
+            provider="resend",
+            created_at=at,
+            sent_at=at,
         )
-        events.append(("delivery.failed", "system", at, {"error_class": error_class}))
-    elif status == "canceled":
-        at = created + timedelta(seconds=rng.uniform(10, 3600))
-        delivery.status, delivery.canceled_at, delivery.updated_at = Status.CANCELED, at, at
-        session.add(
-            CreditEntry(
-                user_id=user.id, delivery_id=delivery_id, amount=1, reason="refund", created_at=at
-            )
+    )
+    return [("delivery.failed", "system", at, {"error_class": error_class})]
+
+
+def _seed_canceled(
+    session: Session, rng: random.Random, delivery: Delivery, created: datetime, actor: str
+) -> list[_Event]:
+    """Canceled by its owner soon after scheduling, the credit refunded."""
+    at = created + timedelta(seconds=rng.uniform(10, 3600))
+    delivery.status, delivery.canceled_at, delivery.updated_at = Status.CANCELED, at, at
+    _refund(session, delivery, at)
+    return [("delivery.canceled", actor, at, {"refunded": True})]
+
+
+def _refund(session: Session, delivery: Delivery, at: datetime) -> None:
+    session.add(
+        CreditEntry(
+            user_id=delivery.user_id,
+            delivery_id=delivery.id,
+            amount=1,
+            reason="refund",
+            created_at=at,
         )
-        events.append(("delivery.canceled", user.email, at, {"refunded": True}))
-    elif status == "stuck":  # due, dispatched, never claimed: the backstop's work
-        delivery.next_attempt_at = delivery.deliver_at = now - timedelta(minutes=rng.uniform(3, 40))
-        delivery.task_id, delivery.dispatched_at = uuid.uuid4().hex, delivery.deliver_at
-    elif status == "processing":  # a worker died holding it: lease expired
-        delivery.deliver_at = delivery.next_attempt_at = now - timedelta(
-            minutes=rng.uniform(10, 30)
-        )
-        delivery.status, delivery.task_id = Status.PROCESSING, uuid.uuid4().hex
-        delivery.lease_until = now - timedelta(minutes=rng.uniform(1, 5))
-        delivery.attempt_count = delivery.round_attempts = 1
-    for type_, actor, at, data in events:
-        session.add(
-            AuditEvent(type=type_, actor=actor, delivery_id=delivery_id, data=data, created_at=at)
-        )
-    return status, delivery
+    )
+
+
+def _seed_stuck(rng: random.Random, delivery: Delivery, now: datetime) -> None:
+    """Due, dispatched, never claimed: the backstop's work."""
+    delivery.next_attempt_at = delivery.deliver_at = now - timedelta(minutes=rng.uniform(3, 40))
+    delivery.task_id, delivery.dispatched_at = uuid.uuid4().hex, delivery.deliver_at
+
+
+def _seed_processing(rng: random.Random, delivery: Delivery, now: datetime) -> None:
+    """A worker died holding it: lease expired."""
+    delivery.deliver_at = delivery.next_attempt_at = now - timedelta(minutes=rng.uniform(10, 30))
+    delivery.status, delivery.task_id = Status.PROCESSING, uuid.uuid4().hex
+    delivery.lease_until = now - timedelta(minutes=rng.uniform(1, 5))
+    delivery.attempt_count = delivery.round_attempts = 1
 
 
 def _attempt(

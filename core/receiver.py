@@ -24,6 +24,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -33,13 +34,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core import webhooks
 from core.db import session_scope
 from core.errors import WebhookPayloadError
 from core.policy import Clock
+from core.webhook_payloads import POSTMARK, RESEND, ParsedEvent, parse_postmark, parse_resend
+from core.webhooks import store_event
 
 if TYPE_CHECKING:
     from core.bootstrap import App
+    from core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,73 @@ def _json(body: bytes) -> Any:
         raise Refused(400, "malformed") from None
 
 
+async def _resend_event(request: Request, settings: Settings) -> ParsedEvent:
+    """The event a signed Resend request carries; Refused when it is not one."""
+    body = await _body(request, settings.webhook_max_body_bytes)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    verify_svix(settings.resend_webhook_secrets, body, headers)
+    try:
+        return parse_resend(headers["svix-id"], _json(body))
+    except WebhookPayloadError:
+        raise Refused(400, "malformed") from None
+
+
+async def _postmark_event(request: Request, settings: Settings) -> ParsedEvent:
+    """The event an allowed, authenticated Postmark request carries; Refused otherwise."""
+    check_source(
+        settings.postmark_webhook_allowed_ips,
+        request.client.host if request.client else None,
+    )
+    check_basic_auth(settings.postmark_webhook_credentials, request.headers.get("authorization"))
+    body = await _body(request, settings.webhook_max_body_bytes)
+    try:
+        return parse_postmark(_json(body))
+    except WebhookPayloadError:
+        raise Refused(400, "malformed") from None
+
+
+def _refusal(provider: str, refused: Refused, counts: Counters) -> Response:
+    counts.add(f"{provider}:{refused.reason}")
+    log.warning("webhook refused: provider=%s reason=%s", provider, refused.reason)
+    headers = {}
+    if provider == POSTMARK and refused.status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="capsule-webhooks"'
+    return JSONResponse(
+        {"ok": False, "error": refused.reason}, status_code=refused.status, headers=headers
+    )
+
+
+@dataclass(frozen=True)
+class _Intake:
+    """Stores a verified event, then hands its row on to `on_stored`."""
+
+    app: App
+    on_stored: Callable[[int], None]
+    clock: Clock
+    counts: Counters
+
+    def _store(self, event: ParsedEvent) -> tuple[int, bool]:
+        with session_scope(self.app.session_factory) as session:
+            row_id, new = store_event(session, event, now=self.clock())
+            session.commit()
+        return row_id, new
+
+    async def accept(self, provider: str, event: ParsedEvent) -> Response:
+        try:
+            row_id, new = await run_in_threadpool(self._store, event)
+        except Exception as exc:  # the database: let the provider retry later
+            log.error("webhook from %s not stored: %s", provider, type(exc).__name__)
+            self.counts.add(f"{provider}:store_failed")
+            return JSONResponse({"ok": False, "error": "try again later"}, status_code=503)
+        self.counts.add(f"{provider}:stored" if new else f"{provider}:duplicate")
+        if new:
+            try:
+                await run_in_threadpool(self.on_stored, row_id)
+            except Exception as exc:  # the broker: the backstop processes it after a grace
+                log.warning("webhook event %s not queued: %s", row_id, type(exc).__name__)
+        return JSONResponse({"ok": True, "duplicate": not new})
+
+
 def build_receiver(
     app: App,
     on_stored: Callable[[int], None],
@@ -153,68 +223,21 @@ def build_receiver(
     fail (the backstop processes the event later)."""
     settings = app.settings
     counts = counters or Counters()
-
-    def store(event: webhooks.ParsedEvent) -> tuple[int, bool]:
-        with session_scope(app.session_factory) as session:
-            row_id, new = webhooks.store_event(session, event, now=clock())
-            session.commit()
-        return row_id, new
-
-    async def accept(provider: str, event: webhooks.ParsedEvent) -> Response:
-        try:
-            row_id, new = await run_in_threadpool(store, event)
-        except Exception as exc:  # the database: let the provider retry later
-            log.error("webhook from %s not stored: %s", provider, type(exc).__name__)
-            counts.add(f"{provider}:store_failed")
-            return JSONResponse({"ok": False, "error": "try again later"}, status_code=503)
-        counts.add(f"{provider}:stored" if new else f"{provider}:duplicate")
-        if new:
-            try:
-                await run_in_threadpool(on_stored, row_id)
-            except Exception as exc:  # the broker: the backstop processes it after a grace
-                log.warning("webhook event %s not queued: %s", row_id, type(exc).__name__)
-        return JSONResponse({"ok": True, "duplicate": not new})
-
-    def refuse(provider: str, refused: Refused) -> Response:
-        counts.add(f"{provider}:{refused.reason}")
-        log.warning("webhook refused: provider=%s reason=%s", provider, refused.reason)
-        headers = {}
-        if provider == webhooks.POSTMARK and refused.status == 401:
-            headers["WWW-Authenticate"] = 'Basic realm="capsule-webhooks"'
-        return JSONResponse(
-            {"ok": False, "error": refused.reason}, status_code=refused.status, headers=headers
-        )
+    intake = _Intake(app, on_stored, clock, counts)
 
     async def resend(request: Request) -> Response:
         try:
-            body = await _body(request, settings.webhook_max_body_bytes)
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            verify_svix(settings.resend_webhook_secrets, body, headers)
-            try:
-                event = webhooks.parse_resend(headers["svix-id"], _json(body))
-            except WebhookPayloadError:
-                raise Refused(400, "malformed") from None
+            event = await _resend_event(request, settings)
         except Refused as refused:
-            return refuse(webhooks.RESEND, refused)
-        return await accept(webhooks.RESEND, event)
+            return _refusal(RESEND, refused, counts)
+        return await intake.accept(RESEND, event)
 
     async def postmark(request: Request) -> Response:
         try:
-            check_source(
-                settings.postmark_webhook_allowed_ips,
-                request.client.host if request.client else None,
-            )
-            check_basic_auth(
-                settings.postmark_webhook_credentials, request.headers.get("authorization")
-            )
-            body = await _body(request, settings.webhook_max_body_bytes)
-            try:
-                event = webhooks.parse_postmark(_json(body))
-            except WebhookPayloadError:
-                raise Refused(400, "malformed") from None
+            event = await _postmark_event(request, settings)
         except Refused as refused:
-            return refuse(webhooks.POSTMARK, refused)
-        return await accept(webhooks.POSTMARK, event)
+            return _refusal(POSTMARK, refused, counts)
+        return await intake.accept(POSTMARK, event)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "counts": counts.snapshot()})

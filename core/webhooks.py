@@ -1,8 +1,7 @@
 """After "sent": what the providers' webhooks say became of a letter, and the suppression list.
 
-    receive   parse_resend / parse_postmark   a verified request → ParsedEvent (allowlisted
-                                              fields only: never the subject or letter text)
-              store_event                     durable insert, idempotent per (provider, event id)
+    receive   store_event                     a verified, parsed event (core.webhook_payloads)
+                                              → durable insert, idempotent per (provider, event id)
     process   process_event                   event → its delivery (provider message id at send,
                                               then the letter's own tag) → compare-and-set
                                               sent → delivered | bounced | complained;
@@ -24,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +35,7 @@ from core import audit, notifications
 from core.db import SessionFactory, session_scope
 from core.deliveries import _load, _transition
 from core.dispatch import Enqueuer, dispatch
-from core.errors import InvalidTransition, ValidationError, WebhookPayloadError
+from core.errors import InvalidTransition, ValidationError
 from core.models import (
     AFTER_SENT,
     AuditEvent,
@@ -50,29 +48,18 @@ from core.models import (
     WebhookEvent,
 )
 from core.validation import normalize_address
+from core.webhook_payloads import BOUNCED, COMPLAINED, DELIVERED, ParsedEvent
 
 if TYPE_CHECKING:
     from core.bootstrap import App
 
 log = logging.getLogger(__name__)
 
-RESEND = "resend"
-POSTMARK = "postmark"
-
-# Event types as stored (webhook_events.type)
-DELIVERED = "delivered"
-BOUNCED = "bounced"
-COMPLAINED = "complained"
-DELAYED = "delayed"
-OTHER = "other"
-
 # What processing concluded (webhook_events.outcome)
 APPLIED = "applied"  # the delivery moved
 UNCHANGED = "unchanged"  # a duplicate, an earlier state, or an event that moves nothing
 UNMATCHED = "unmatched"  # no delivery has this message id: kept and counted
 NOT_SENT = "not_sent"  # the delivery is failed, canceled or held: nothing to move
-
-LETTER_KIND = "letter"  # the tag a letter carries (core.worker); notices carry another
 
 
 def rank(status: str, bounce_kind: str | None) -> int:
@@ -89,192 +76,6 @@ _EVENT_STATUS = {
     BOUNCED: Status.BOUNCED,
     COMPLAINED: Status.COMPLAINED,
 }
-
-
-@dataclass(frozen=True)
-class ParsedEvent:
-    """A provider's event, reduced to what we act on and may keep."""
-
-    provider: str
-    event_id: str
-    type: str
-    provider_message_id: str | None
-    recipient: str | None
-    occurred_at: datetime | None = None
-    bounce_kind: str | None = None
-    delivery_hint: uuid.UUID | None = None  # the letter's own tag, when it carried one
-    payload: dict[str, Any] = field(default_factory=dict)
-
-
-def _text(value: Any, limit: int = 320) -> str | None:
-    if value is None or isinstance(value, dict | list):
-        return None
-    text = str(value).strip()
-    return text[:limit] or None
-
-
-def _time(value: Any) -> datetime | None:
-    text = _text(value, 64)
-    if text is None:
-        return None
-    try:
-        # Postmark writes seven fractional digits; fromisoformat takes at most six.
-        head, dot, rest = text.replace("Z", "+00:00").partition(".")
-        if dot:
-            digits = len(rest) - len(rest.lstrip("0123456789"))
-            text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else None
-
-
-def _hint(tags: Mapping[str, Any]) -> uuid.UUID | None:
-    """The delivery id a letter's tags carry; None for notices and anything else."""
-    if str(tags.get("kind", "")) != LETTER_KIND:
-        return None
-    try:
-        return uuid.UUID(str(tags.get("delivery_id", "")))
-    except ValueError:
-        return None
-
-
-def _pick(source: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    return {n: source[n] for n in names if n in source and not isinstance(source[n], dict | list)}
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _require_object(payload: Any) -> Mapping[str, Any]:
-    if not isinstance(payload, Mapping):
-        raise WebhookPayloadError("the body is not a JSON object")
-    return payload
-
-
-_RESEND_TYPES = {
-    "email.delivered": DELIVERED,
-    "email.bounced": BOUNCED,
-    "email.complained": COMPLAINED,
-    "email.delivery_delayed": DELAYED,
-}
-
-
-def parse_resend(event_id: str, payload: Any) -> ParsedEvent:
-    """A Resend (Svix-signed) event; `event_id` is the `svix-id` header."""
-    body = _require_object(payload)
-    data = body.get("data")
-    kind = _text(body.get("type"), 64)
-    if not kind or not isinstance(data, Mapping):
-        raise WebhookPayloadError("a Resend event needs a type and a data object")
-    event_type = _RESEND_TYPES.get(kind, OTHER)
-    bounce = _mapping(data.get("bounce"))
-    bounce_kind = None
-    if event_type == BOUNCED:
-        # Resend: Permanent (hard), Transient (soft), Undetermined (soft: not proof of death)
-        permanent = str(bounce.get("type", "")).lower() == "permanent"
-        bounce_kind = BounceKind.HARD if permanent else BounceKind.SOFT
-    raw_tags = data.get("tags")
-    tags: dict[str, Any] = {}
-    if isinstance(raw_tags, Mapping):
-        tags = {str(k): v for k, v in raw_tags.items()}
-    elif isinstance(raw_tags, list):
-        tags = {
-            str(t.get("name")): t.get("value")
-            for t in raw_tags
-            if isinstance(t, Mapping) and "name" in t
-        }
-    to = data.get("to")
-    recipient = _text(to[0] if isinstance(to, list) and to else to)
-    return ParsedEvent(
-        provider=RESEND,
-        event_id=event_id[:200],
-        type=event_type,
-        provider_message_id=_text(data.get("email_id"), 200),
-        recipient=recipient,
-        occurred_at=_time(body.get("created_at")),
-        bounce_kind=bounce_kind,
-        delivery_hint=_hint(tags),
-        payload={
-            "type": kind,
-            "created_at": _text(body.get("created_at"), 64),
-            "email_id": _text(data.get("email_id"), 200),
-            "to": recipient,
-            "bounce": _pick(bounce, ("type", "subType", "message")),
-            "tags": {k: _text(v, 100) for k, v in tags.items() if k in ("delivery_id", "kind")},
-        },
-    )
-
-
-# Postmark bounce types that prove the address dead; every other type is soft.
-POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated"})
-_POSTMARK_KEEP = (
-    "RecordType",
-    "ID",
-    "Type",
-    "TypeCode",
-    "Name",
-    "MessageID",
-    "MessageStream",
-    "ServerID",
-    "Email",
-    "Recipient",
-    "BouncedAt",
-    "DeliveredAt",
-    "ReceivedAt",
-    "Description",
-    "Details",
-    "Inactive",
-    "CanActivate",
-    "Tag",
-)
-
-
-def parse_postmark(payload: Any) -> ParsedEvent:
-    """A Postmark Delivery, Bounce or SpamComplaint webhook (Basic auth checked by the caller)."""
-    body = _require_object(payload)
-    record = _text(body.get("RecordType"), 32)
-    message_id = _text(body.get("MessageID"), 200)
-    if not record or not message_id:
-        raise WebhookPayloadError("a Postmark webhook needs a RecordType and a MessageID")
-    bounce_kind = None
-    if record == "Delivery":
-        event_type = DELIVERED
-        recipient = _text(body.get("Recipient"))
-        # Postmark sends no id for a delivery: one per message and recipient.
-        event_id = f"Delivery:{message_id}:{recipient}"
-        occurred = _time(body.get("DeliveredAt"))
-    elif record in ("Bounce", "SpamComplaint"):
-        if body.get("ID") is None:
-            raise WebhookPayloadError(f"a Postmark {record} webhook needs an ID")
-        recipient = _text(body.get("Email"))
-        event_id = f"{record}:{_text(body.get('ID'), 100)}"
-        occurred = _time(body.get("BouncedAt"))
-        if record == "SpamComplaint" or body.get("Type") == "SpamComplaint":
-            event_type = COMPLAINED
-        else:
-            event_type = BOUNCED
-            hard = str(body.get("Type")) in POSTMARK_HARD
-            bounce_kind = BounceKind.HARD if hard else BounceKind.SOFT
-    else:
-        event_type, recipient, occurred = OTHER, _text(body.get("Recipient")), None
-        event_id = f"{record}:{message_id}:{_text(body.get('ReceivedAt'), 64)}"
-    metadata = _mapping(body.get("Metadata"))
-    tags = {"delivery_id": metadata.get("delivery_id"), "kind": body.get("Tag")}
-    kept = _pick(body, _POSTMARK_KEEP)
-    kept["Metadata"] = {k: _text(v, 80) for k, v in metadata.items() if k == "delivery_id"}
-    return ParsedEvent(
-        provider=POSTMARK,
-        event_id=event_id[:200],
-        type=event_type,
-        provider_message_id=message_id,
-        recipient=recipient,
-        occurred_at=occurred,
-        bounce_kind=bounce_kind,
-        delivery_hint=_hint(tags),
-        payload=kept,
-    )
 
 
 def _insert(session: Session) -> Any:
@@ -363,15 +164,8 @@ def process_event(session: Session, event_id: int, *, now: datetime) -> Processe
         return Processed(event.outcome if event else None, repeated=True)
     delivery = find_delivery(session, event)
     address = event.recipient or (delivery.recipient_email if delivery else None)
-    dead = event.type == COMPLAINED or (
-        event.type == BOUNCED and event.bounce_kind == BounceKind.HARD
-    )
-    if address and dead:
-        reason = (
-            SuppressionReason.COMPLAINT
-            if event.type == COMPLAINED
-            else SuppressionReason.HARD_BOUNCE
-        )
+    reason = _dead_reason(event)
+    if address and reason:
         suppress(
             session,
             address,
@@ -391,6 +185,23 @@ def process_event(session: Session, event_id: int, *, now: datetime) -> Processe
     target = _EVENT_STATUS.get(event.type)
     if target is None:
         return _finish(session, event, Processed(UNCHANGED, delivery.id, delivery.status), now)
+    return _climb(session, event, delivery, target, now)
+
+
+def _dead_reason(event: WebhookEvent) -> SuppressionReason | None:
+    """Why the event proves its address dead (a complaint, a hard bounce); None if it does not."""
+    if event.type == COMPLAINED:
+        return SuppressionReason.COMPLAINT
+    if event.type == BOUNCED and event.bounce_kind == BounceKind.HARD:
+        return SuppressionReason.HARD_BOUNCE
+    return None
+
+
+def _climb(
+    session: Session, event: WebhookEvent, delivery: Delivery, target: Status, now: datetime
+) -> Processed:
+    """Move the delivery to `target` if that is higher in `rank`; compare again after a twin
+    event moved it first."""
     kind = event.bounce_kind if target == Status.BOUNCED else None
     for _ in range(5):
         if rank(target, kind) <= rank(delivery.status, delivery.bounce_kind):
@@ -411,32 +222,45 @@ def process_event(session: Session, event_id: int, *, now: datetime) -> Processe
         except InvalidTransition:
             delivery = _load(session, delivery.id)  # a twin event moved it: compare again
             continue
-        audit.record(
-            session,
-            f"delivery.{target}",
-            actor=f"webhook:{event.provider}",
-            now=now,
-            delivery_id=delivery.id,
-            data={
-                "from": previous,
-                "event": event.event_id,
-                "provider": event.provider,
-                "bounce_kind": kind,
-            },
-        )
-        notify = False
-        if target == Status.BOUNCED and kind == BounceKind.HARD:
-            notify = notifications.request(
-                session,
-                delivery.id,
-                delivery.user_id,
-                delivery.idempotency_key,
-                requested_by=f"webhook:{event.provider}",
-                now=now,
-                kind=notifications.DELIVERY_BOUNCED,
-            )
+        notify = _record_move(session, event, delivery, target, kind, previous, now)
         return _finish(session, event, Processed(APPLIED, delivery.id, target, notify), now)
     raise InvalidTransition(delivery.id, delivery.status, f"mark {target}")
+
+
+def _record_move(
+    session: Session,
+    event: WebhookEvent,
+    delivery: Delivery,
+    target: Status,
+    kind: str | None,
+    previous: str,
+    now: datetime,
+) -> bool:
+    """Audit the move; a hard bounce asks for the owner's notice. True when it asked."""
+    audit.record(
+        session,
+        f"delivery.{target}",
+        actor=f"webhook:{event.provider}",
+        now=now,
+        delivery_id=delivery.id,
+        data={
+            "from": previous,
+            "event": event.event_id,
+            "provider": event.provider,
+            "bounce_kind": kind,
+        },
+    )
+    if target == Status.BOUNCED and kind == BounceKind.HARD:
+        return notifications.request(
+            session,
+            delivery.id,
+            delivery.user_id,
+            delivery.idempotency_key,
+            requested_by=f"webhook:{event.provider}",
+            now=now,
+            kind=notifications.DELIVERY_BOUNCED,
+        )
+    return False
 
 
 def _finish(session: Session, event: WebhookEvent, result: Processed, now: datetime) -> Processed:

@@ -6,14 +6,13 @@ the rows at the chosen rate; progress and an abort button show while it runs.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time
+from datetime import date
 
 import pandas as pd
 import streamlit as st
 
-from console import auth, data, ui
+from console import auth, data, filters, ui
 from core import bulk
-from core.config import KNOWN_PROVIDERS
 from core.errors import CapsuleError
 from core.failed_filter import FailedFilter
 from core.models import ErrorClass
@@ -26,17 +25,15 @@ DRY_RUN_KEY = "_bulk_dry_run"
 ACTIVE_KEY = "_bulk_active"
 
 
-def filters() -> FailedFilter:
+def chosen_filter() -> FailedFilter:
     c1, c2, c3, c4 = st.columns([3, 2, 3, 2])
     with c1:
-        classes = st.multiselect(
-            "Error class",
+        classes = filters.error_classes(
+            "bulk_classes",
             [e.value for e in ErrorClass if e != ErrorClass.MISSING_KEY],  # never a failure
-            key="bulk_classes",
-            placeholder="any class",
         )
     with c2:
-        provider = st.selectbox("Last provider", ["any", *KNOWN_PROVIDERS], key="bulk_provider")
+        provider = filters.provider("bulk_provider")
     with c3:
         between = st.date_input(
             "Failed between",
@@ -51,13 +48,11 @@ def filters() -> FailedFilter:
         for d in (between if isinstance(between, tuple | list) else [between])
         if isinstance(d, date)
     ]
-    start = datetime.combine(days[0], time.min, tzinfo=UTC) if days else None
-    end = datetime.combine(days[-1], time.max, tzinfo=UTC) if len(days) == 2 else None
     return FailedFilter(
-        error_classes=tuple(classes),
-        provider=None if provider == "any" else provider,
-        failed_from=start,
-        failed_until=end,
+        error_classes=classes,
+        provider=provider,
+        failed_from=filters.start_of(days[0]) if days else None,
+        failed_until=filters.end_of(days[-1]) if len(days) == 2 else None,
         recipient_domain=domain.strip().lstrip("@").lower() or None,
     )
 
@@ -219,7 +214,7 @@ def render() -> None:
     _running(operator)
 
     st.subheader("1 · Choose failed deliveries")
-    flt = filters()
+    flt = chosen_filter()
     shown = data.bulk_preview(flt)
     cap = data.settings().bulk_max_rows
     st.metric("Matching now", f"{shown.count:,}", help=ui.text(shown.filter.describe()))
@@ -230,6 +225,14 @@ def render() -> None:
             "a requeue may send them twice or cannot open them. Choose those classes by name "
             "to include them."
         )
+    if not _refused(shown, cap):
+        _sample(shown)
+        _dry_run_then_launch(operator, flt, shown)
+    _history()
+
+
+def _refused(shown: bulk.Preview, cap: int) -> bool:
+    """Say why the chosen rows cannot be requeued in bulk, if they cannot; True then."""
     if shown.count == 0:
         st.info("No failed delivery matches this filter.")
     elif shown.count > cap:
@@ -241,46 +244,53 @@ def render() -> None:
     elif shown.active is not None:
         st.error(ui.text(bulk.conflict_message(shown.active)), icon=":material/block:")
     else:
-        with st.expander(
-            f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True
-        ):
-            st.dataframe(
-                ui.failed_table(shown.sample),
-                hide_index=True,
-                width="stretch",
-                column_order=ui.FAILED_ORDER,
-                column_config=ui.failed_columns(),
-            )
+        return False
+    return True
 
-        st.subheader("2 · Dry run")
-        rate_col, button_col, _ = st.columns([2, 1, 3], vertical_alignment="bottom")
-        with rate_col:
-            rate = float(
-                st.number_input(
-                    "Rate (deliveries per second)",
-                    min_value=0.1,
-                    max_value=bulk.MAX_RATE_PER_SECOND,
-                    value=bulk.DEFAULT_RATE_PER_SECOND,
-                    step=1.0,
-                    key="bulk_rate",
-                )
-            )
-        with button_col:
-            dry_clicked = st.button("Dry run", icon=":material/science:", key="bulk_dry_run")
-        signature = (flt, rate)
-        if dry_clicked:
-            st.session_state[DRY_RUN_KEY] = signature
-        if st.session_state.get(DRY_RUN_KEY) == signature:
-            _dry_run(flt, rate)
-            st.subheader("3 · Confirm and start")
-            for warning in shown.warnings:  # the single-row dialog's warnings, for named classes
-                st.warning(
-                    warning, icon=":material/warning:"
-                )  # our own text: counts and class names
-            _launch(operator, flt, shown.count, rate)
-        else:
-            st.caption("Run the dry run for this filter and rate before starting.")
 
+def _sample(shown: bulk.Preview) -> None:
+    with st.expander(f"Sample: the newest {len(shown.sample)} of {shown.count:,}", expanded=True):
+        st.dataframe(
+            ui.failed_table(shown.sample),
+            hide_index=True,
+            width="stretch",
+            column_order=ui.FAILED_ORDER,
+            column_config=ui.failed_columns(),
+        )
+
+
+def _dry_run_then_launch(operator: Operator, flt: FailedFilter, shown: bulk.Preview) -> None:
+    """Steps 2 and 3: the rate and the dry run; once it ran for this filter and rate, the
+    confirmation that launches."""
+    st.subheader("2 · Dry run")
+    rate_col, button_col, _ = st.columns([2, 1, 3], vertical_alignment="bottom")
+    with rate_col:
+        rate = float(
+            st.number_input(
+                "Rate (deliveries per second)",
+                min_value=0.1,
+                max_value=bulk.MAX_RATE_PER_SECOND,
+                value=bulk.DEFAULT_RATE_PER_SECOND,
+                step=1.0,
+                key="bulk_rate",
+            )
+        )
+    with button_col:
+        dry_clicked = st.button("Dry run", icon=":material/science:", key="bulk_dry_run")
+    signature = (flt, rate)
+    if dry_clicked:
+        st.session_state[DRY_RUN_KEY] = signature
+    if st.session_state.get(DRY_RUN_KEY) == signature:
+        _dry_run(flt, rate)
+        st.subheader("3 · Confirm and start")
+        for warning in shown.warnings:  # the single-row dialog's warnings, for named classes
+            st.warning(warning, icon=":material/warning:")  # our own text: counts and class names
+        _launch(operator, flt, shown.count, rate)
+    else:
+        st.caption("Run the dry run for this filter and rate before starting.")
+
+
+def _history() -> None:
     st.subheader("History")
     history = data.bulk_history()
     if history.empty:

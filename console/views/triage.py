@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from datetime import UTC, date, datetime, time
+from datetime import date
 
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from console import actions, auth, bounced, data, ui
+from console import actions, auth, bounced, data, filters, ui
 from core.config import KNOWN_PROVIDERS
 from core.failed_filter import SEARCH_IN, FailedCursor, FailedFilter
 from core.models import ErrorClass
-from core.operators import Role
+from core.operators import Operator, Role
 from core.policy import utcnow
 from core.queries.failed import cursor_after
 
@@ -56,10 +57,10 @@ def link_to_widgets(linked: Mapping[str, list[str]]) -> list[str]:
             classes.append(raw)
         elif raw:
             problems.append(f"error_class={raw!r} is not one of {', '.join(CLASSES)}")
-    provider = linked.get("provider", ["any"])[-1]
-    if provider not in ("any", *KNOWN_PROVIDERS):
+    provider = linked.get("provider", [filters.ANY_PROVIDER])[-1]
+    if provider not in filters.PROVIDERS:
         problems.append(f"provider={provider!r} is not one of {', '.join(KNOWN_PROVIDERS)}")
-        provider = "any"
+        provider = filters.ANY_PROVIDER
     days = {
         name: _day(linked[name][-1], name, problems) if name in linked else None
         for name in ("since", "until")
@@ -114,7 +115,7 @@ def _write_url(query: dict[str, list[str]]) -> None:
         st.query_params[name] = values if len(values) > 1 else values[0]
 
 
-def filters() -> FailedFilter:
+def chosen_filter() -> FailedFilter:
     """The filter widgets, filled from the URL when it carries a new link; returns what they
     select and keeps the URL in step with it."""
     linked = _linked()
@@ -130,11 +131,9 @@ def filters() -> FailedFilter:
         st.session_state.setdefault(key, default)
     c1, c2, c3, c4, c5, c6 = st.columns([3, 2, 2, 2, 3, 2])
     with c1:
-        classes = st.multiselect(
-            "Error class", CLASSES, key="triage_classes", placeholder="any class"
-        )
+        classes = filters.error_classes("triage_classes", CLASSES)
     with c2:
-        provider = st.selectbox("Last provider", ["any", *KNOWN_PROVIDERS], key="triage_provider")
+        provider = filters.provider("triage_provider")
     with c3:
         since = st.date_input("Failed since (UTC day)", key="triage_since", format="YYYY-MM-DD")
     with c4:
@@ -154,23 +153,15 @@ def filters() -> FailedFilter:
             key="triage_search_in",
         )
     flt = FailedFilter(
-        error_classes=tuple(classes),
-        provider=None if provider == "any" else provider,
-        failed_from=_start_of(since),
-        failed_until=_end_of(until),
+        error_classes=classes,
+        provider=provider,
+        failed_from=filters.start_of(since),
+        failed_until=filters.end_of(until),
         search=search.strip() or None,
         search_in=search_in,
     )
     _write_url(filter_to_query(flt))
     return flt
-
-
-def _start_of(day: object) -> datetime | None:
-    return datetime.combine(day, time.min, tzinfo=UTC) if isinstance(day, date) else None
-
-
-def _end_of(day: object) -> datetime | None:
-    return datetime.combine(day, time.max, tzinfo=UTC) if isinstance(day, date) else None
 
 
 def _page_cursor(flt: FailedFilter, size: int) -> tuple[int, FailedCursor | None]:
@@ -230,7 +221,7 @@ def render() -> None:
     if st.toggle("Bounced after send", key="triage_bounced", help=bounced.HELP):
         bounced.render(operator)
         return
-    asked = filters()
+    asked = chosen_filter()
     scope = data.search_scope(asked)
     flt = scope.filter
     if scope.stopped_early:
@@ -240,7 +231,23 @@ def render() -> None:
             "“Failed until” to search older ones.",
             icon=":material/manage_search:",
         )
+    total = _summary(operator, flt)
 
+    size = st.session_state.get("triage_page_size", PAGE_SIZES[1])
+    page, after = _page_cursor(flt, size)
+    frame = data.failed_page(flt, size, after)
+    if frame.empty:
+        st.success("Nothing to triage for this filter.", icon=":material/task_alt:")
+        actions.render_pending(operator)
+        return
+    ids = _selectable_table(frame)
+    _pager(cursor_after(frame), page, size, len(frame), total)
+    _action_bar(operator, ids)
+    actions.render_pending(operator)
+
+
+def _summary(operator: Operator, flt: FailedFilter) -> int:
+    """How many match, the export, and the chart by error class; returns the count."""
     by_class = data.failed_by_class(flt)
     total = data.failed_count(flt)
     left, right = st.columns([1, 2], vertical_alignment="center")
@@ -267,15 +274,11 @@ def render() -> None:
             chart.update_layout(height=60 + 28 * len(by_class), margin=dict(l=0, r=30, t=10, b=0))
             chart.update_yaxes(categoryorder="total ascending")
             st.plotly_chart(chart, width="stretch", config={"displayModeBar": False})
+    return total
 
-    size = st.session_state.get("triage_page_size", PAGE_SIZES[1])
-    page, after = _page_cursor(flt, size)
-    frame = data.failed_page(flt, size, after)
-    if frame.empty:
-        st.success("Nothing to triage for this filter.", icon=":material/task_alt:")
-        actions.render_pending(operator)
-        return
 
+def _selectable_table(frame: pd.DataFrame) -> list[str]:
+    """The page's rows as a table to select from; returns the selected delivery ids."""
     # The table's key follows the rows it shows: when they change, a stale selection resets
     # instead of pointing at other rows.
     digest = hashlib.sha1("".join(frame["id"]).encode()).hexdigest()[:12]
@@ -293,8 +296,11 @@ def render() -> None:
     # Positions become ids at once: later reruns may load different rows.
     ids = [str(frame.iloc[i]["id"]) for i in event.selection.rows]
     st.session_state[SELECTED_KEY] = ids
-    _pager(cursor_after(frame), page, size, len(frame), total)
+    return ids
 
+
+def _action_bar(operator: Operator, ids: list[str]) -> None:
+    """The support actions on the selected rows, the page size, and the detail link."""
     bar_left, bar_mid, bar_right = st.columns([3, 1, 1], vertical_alignment="bottom")
     with bar_left:
         st.caption(f"{len(ids)} selected" if ids else "Select rows to act on them.")
@@ -310,7 +316,6 @@ def render() -> None:
             width="stretch",
         ):
             st.switch_page("views/delivery.py", query_params={"id": ids[0]})
-    actions.render_pending(operator)
 
 
 if __name__ == "__main__":

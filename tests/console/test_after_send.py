@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, create_engine, select, update
 
-from core import webhooks
+from core import webhook_payloads, webhooks
 from core.db import make_session_factory, session_scope
 from core.models import AuditEvent, Delivery
 from core.operators import Operator, Role
@@ -33,7 +33,7 @@ def bounced_id(console_env: Seams) -> Iterator[str]:
             .values(provider="resend", provider_message_id="re-console-1")
         )
         s.commit()
-    event = webhooks.parse_resend(
+    event = webhook_payloads.parse_resend(
         "msg_console",
         {
             "type": "email.bounced",

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
-from core import webhooks
+from core import webhook_payloads, webhooks
 from core.bootstrap import App
 from core.claims import claim
 from core.db import session_scope
@@ -73,7 +73,7 @@ def resend(
     return {"type": kind, "created_at": "2030-01-01T12:03:00.000Z", "data": data}
 
 
-def receive(app: App, event: webhooks.ParsedEvent, at_minutes: float = 3) -> int:
+def receive(app: App, event: webhook_payloads.ParsedEvent, at_minutes: float = 3) -> int:
     with session_scope(app.session_factory) as s:
         event_id, _ = webhooks.store_event(s, event, now=T0 + timedelta(minutes=at_minutes))
         s.commit()
@@ -112,7 +112,7 @@ def test_a_hard_bounce_marks_the_letter_suppresses_the_address_and_asks_one_noti
 
     # When its hard bounce arrives, twice (the provider retries with the same svix-id)
     for _ in range(2):
-        event_id = receive(app, webhooks.parse_resend("msg_1", resend("email.bounced")))
+        event_id = receive(app, webhook_payloads.parse_resend("msg_1", resend("email.bounced")))
         process(app, event_id)
 
     # Then the letter is bounced (hard), stored once, its address is on the list once,
@@ -141,10 +141,12 @@ def test_a_hard_bounce_marks_the_letter_suppresses_the_address_and_asks_one_noti
 
 
 EVENTS = {
-    "delivered": lambda: webhooks.parse_resend("e-d", resend("email.delivered")),
-    "soft": lambda: webhooks.parse_resend("e-s", resend("email.bounced", bounce_type="Transient")),
-    "hard": lambda: webhooks.parse_resend("e-h", resend("email.bounced")),
-    "complained": lambda: webhooks.parse_resend("e-c", resend("email.complained")),
+    "delivered": lambda: webhook_payloads.parse_resend("e-d", resend("email.delivered")),
+    "soft": lambda: webhook_payloads.parse_resend(
+        "e-s", resend("email.bounced", bounce_type="Transient")
+    ),
+    "hard": lambda: webhook_payloads.parse_resend("e-h", resend("email.bounced")),
+    "complained": lambda: webhook_payloads.parse_resend("e-c", resend("email.complained")),
 }
 
 
@@ -167,7 +169,7 @@ def test_duplicates_and_any_order_leave_the_same_final_state(
         # When the events arrive in that order, each one twice
         for name in [*order, *order]:
             parsed = EVENTS[name]()
-            parsed = webhooks.ParsedEvent(
+            parsed = webhook_payloads.ParsedEvent(
                 **{
                     **parsed.__dict__,
                     "event_id": f"{parsed.event_id}-{n}",
@@ -180,7 +182,9 @@ def test_duplicates_and_any_order_leave_the_same_final_state(
 
 
 def test_an_unknown_message_id_is_stored_and_counted_not_dropped(app: App) -> None:
-    event_id = receive(app, webhooks.parse_resend("m-x", resend("email.delivered", "nobody")))
+    event_id = receive(
+        app, webhook_payloads.parse_resend("m-x", resend("email.delivered", "nobody"))
+    )
 
     result = process(app, event_id)
 
@@ -191,9 +195,9 @@ def test_an_unknown_message_id_is_stored_and_counted_not_dropped(app: App) -> No
 def test_a_bounced_owner_notice_never_moves_the_letter_it_is_about(app: App) -> None:
     # Given a letter delivered, and a bounce for a *notice* tagged with the letter's id
     delivery_id = sent_letter(app)
-    process(app, receive(app, webhooks.parse_resend("d", resend("email.delivered"))))
+    process(app, receive(app, webhook_payloads.parse_resend("d", resend("email.delivered"))))
     tags = {"delivery_id": str(delivery_id), "kind": "delivery_failed"}
-    notice = webhooks.parse_resend("n", resend("email.bounced", "notice-msg", tags=tags))
+    notice = webhook_payloads.parse_resend("n", resend("email.bounced", "notice-msg", tags=tags))
 
     result = process(app, receive(app, notice))
 
@@ -210,7 +214,7 @@ def test_an_event_before_the_sent_is_recorded_waits_for_the_backstop(app: App) -
     assert claimed is not None
     tags = {"delivery_id": str(delivery_id), "kind": "letter"}
     event_id = receive(
-        app, webhooks.parse_resend("early", resend("email.delivered", "m9", tags=tags))
+        app, webhook_payloads.parse_resend("early", resend("email.delivered", "m9", tags=tags))
     )
 
     # When it is processed at once, it is left for later
@@ -229,7 +233,7 @@ def test_an_event_before_the_sent_is_recorded_waits_for_the_backstop(app: App) -
 
 
 def test_postmark_events_parse_and_keep_no_letter_text() -> None:
-    bounce = webhooks.parse_postmark(
+    bounce = webhook_payloads.parse_postmark(
         {
             "RecordType": "Bounce",
             "ID": 42,
@@ -246,14 +250,14 @@ def test_postmark_events_parse_and_keep_no_letter_text() -> None:
     assert (bounce.event_id, bounce.type, bounce.bounce_kind) == ("Bounce:42", "bounced", "hard")
     assert bounce.occurred_at is not None
     assert "SECRET" not in repr(bounce.payload)
-    spam = webhooks.parse_postmark(
+    spam = webhook_payloads.parse_postmark(
         {"RecordType": "SpamComplaint", "ID": 7, "MessageID": "pm-1", "Email": DEAD}
     )
     assert spam.type == "complained"
     with pytest.raises(WebhookPayloadError):
-        webhooks.parse_postmark({"RecordType": "Bounce", "MessageID": "pm-1"})  # no ID
+        webhook_payloads.parse_postmark({"RecordType": "Bounce", "MessageID": "pm-1"})  # no ID
     with pytest.raises(WebhookPayloadError):
-        webhooks.parse_resend("x", ["not", "an", "object"])
+        webhook_payloads.parse_resend("x", ["not", "an", "object"])
 
 
 def test_a_letter_due_to_a_suppressed_address_is_held_until_support_releases_it(
@@ -329,7 +333,7 @@ def test_the_backstop_processes_an_event_whose_task_was_lost(app: App) -> None:
     from core.reconcile import run_backstop
 
     delivery_id = sent_letter(app)
-    receive(app, webhooks.parse_resend("lost", resend("email.bounced")), at_minutes=3)
+    receive(app, webhook_payloads.parse_resend("lost", resend("email.bounced")), at_minutes=3)
     grace = app.settings.webhook_grace_seconds
 
     # When the backstop runs within the grace, it leaves it; after the grace, it processes it

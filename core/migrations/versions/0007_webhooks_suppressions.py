@@ -29,6 +29,13 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
+    _delivery_states()
+    _webhook_events()
+    _suppressions()
+
+
+def _delivery_states() -> None:
+    """deliveries: the states after sent and held, bounce kind; message-id lookups."""
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("bounce_kind", sa.String(length=8), nullable=True))
         batch.add_column(
@@ -51,6 +58,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("provider_message_id IS NOT NULL"),
         sqlite_where=sa.text("provider_message_id IS NOT NULL"),
     )
+
+
+def _webhook_events() -> None:
     op.create_table(
         "webhook_events",
         sa.Column("id", BigId, nullable=False),
@@ -90,6 +100,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("processed_at IS NULL"),
         sqlite_where=sa.text("processed_at IS NULL"),
     )
+
+
+def _suppressions() -> None:
     op.create_table(
         "suppressions",
         sa.Column("id", BigId, nullable=False),
