@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, credits
 from core.bootstrap import App
 from core.db import SessionFactory, session_scope
 from core.deliveries import requeue_delivery
@@ -43,7 +43,13 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.failed_filter import FailedFilter, count_by_provider, failed_conditions, failed_count
+from core.failed_filter import (
+    FailedFilter,
+    count_by_provider,
+    failed_conditions,
+    failed_count,
+    overlaps,
+)
 from core.locks import lock_key
 from core.models import BulkOperation, CreditEntry, Delivery, ErrorClass
 from core.operators import Operator, Role, require
@@ -161,30 +167,6 @@ def preview(session: Session, flt: FailedFilter, *, now: datetime, sample: int =
     )
 
 
-# ---------------------------------------------------------------- overlap
-
-
-def overlaps(a: FailedFilter, b: FailedFilter) -> bool:
-    """Could one failed delivery match both filters? False only when a field keeps them apart.
-
-    Error classes, provider, recipient domain and the failed-at range can prove two filters
-    disjoint; a text search never can, so it counts as overlapping.
-    """
-    if a.error_classes and b.error_classes and not set(a.error_classes) & set(b.error_classes):
-        return False
-    if a.provider and b.provider and a.provider != b.provider:
-        return False
-
-    def domain(f: FailedFilter) -> str | None:
-        return f.recipient_domain.strip().lstrip("@").lower() if f.recipient_domain else None
-
-    if domain(a) and domain(b) and domain(a) != domain(b):
-        return False
-    starts = [t for t in (a.failed_from, b.failed_from) if t is not None]
-    ends = [t for t in (a.failed_until, b.failed_until) if t is not None]
-    return not (starts and ends and max(starts) > min(ends))
-
-
 def conflicting(session: Session, flt: FailedFilter) -> BulkOperation | None:
     """The oldest active operation whose pinned filter overlaps `flt`, if any."""
     active = session.scalars(
@@ -223,14 +205,6 @@ class DryRun:
         return self.count - self.short_of_credit
 
 
-def _credit_held(delivery_id: Any) -> Any:
-    return (
-        select(func.coalesce(-func.sum(CreditEntry.amount), 0))
-        .where(CreditEntry.delivery_id == delivery_id)
-        .scalar_subquery()
-    )
-
-
 def dry_run(
     session: Session,
     flt: FailedFilter,
@@ -252,7 +226,7 @@ def dry_run(
     # Per owner: rows that would have to reserve a credit again, against the owner's balance.
     needing = session.execute(
         select(Delivery.user_id, func.count())
-        .where(*where, _credit_held(Delivery.id) < 1)
+        .where(*where, credits.held_expr(Delivery.id) < 1)
         .group_by(Delivery.user_id)
     ).all()
     short = 0

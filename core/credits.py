@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -27,14 +28,19 @@ def balance(session: Session, user_id: int) -> int:
     return int(total or 0)
 
 
+def held_expr(delivery_id: Any) -> Any:
+    """Credits a delivery holds (0 or 1), as a SQL scalar subquery: `delivery_id` may be a
+    column, so one statement can read it for many rows."""
+    return (
+        select(func.coalesce(-func.sum(CreditEntry.amount), 0))
+        .where(CreditEntry.delivery_id == delivery_id)
+        .scalar_subquery()
+    )
+
+
 def held_by(session: Session, delivery_id: uuid.UUID) -> int:
     """Credits the delivery currently holds (0 or 1)."""
-    total = session.scalar(
-        select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
-            CreditEntry.delivery_id == delivery_id
-        )
-    )
-    return -int(total or 0)
+    return int(session.scalar(select(held_expr(delivery_id))) or 0)
 
 
 def grant(

@@ -286,3 +286,24 @@ def failed_rows(
     """`failed_chunks` row by row: what `capsule failed list` prints."""
     for page in failed_chunks(session, flt, now=now, chunk=page_size):
         yield from page
+
+
+def overlaps(a: FailedFilter, b: FailedFilter) -> bool:
+    """Could one failed delivery match both filters? False only when a field keeps them apart.
+
+    Error classes, provider, recipient domain and the failed-at range can prove two filters
+    disjoint; a text search never can, so it counts as overlapping.
+    """
+    if a.error_classes and b.error_classes and not set(a.error_classes) & set(b.error_classes):
+        return False
+    if a.provider and b.provider and a.provider != b.provider:
+        return False
+
+    def domain(f: FailedFilter) -> str | None:
+        return f.recipient_domain.strip().lstrip("@").lower() if f.recipient_domain else None
+
+    if domain(a) and domain(b) and domain(a) != domain(b):
+        return False
+    starts = [t for t in (a.failed_from, b.failed_from) if t is not None]
+    ends = [t for t in (a.failed_until, b.failed_until) if t is not None]
+    return not (starts and ends and max(starts) > min(ends))

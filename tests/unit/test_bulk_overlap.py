@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core.bulk import ANY_SAFE_CLASS, RISKY_CLASSES, effective, overlaps, risk_warnings
-from core.failed_filter import FailedFilter
+from core.bulk import ANY_SAFE_CLASS, RISKY_CLASSES, effective, risk_warnings
+from core.failed_filter import FailedFilter, overlaps
 
 JAN = datetime(2030, 1, 1, tzinfo=UTC)
 FEB = datetime(2030, 2, 1, tzinfo=UTC)
