@@ -100,9 +100,7 @@ def baseline(bench: Bench, counts: list[int]) -> list[dict[str, Any]]:
     """Naive ETA tasks, one per letter, in a separate prefix."""
     prefix = f"{bench.prefix}_naive"
     settings = bench.app.settings
-    from dataclasses import replace
-
-    queue = make_huey(replace(settings, huey_name=prefix))
+    queue = make_huey(settings.replace(huey_name=prefix))
     HueyEnqueuer(queue)  # registers capsule.deliver with this queue
     now = utcnow()
     out = []

@@ -81,7 +81,9 @@ class Alerter:
             return False
         payload: dict[str, Any] = {"text": f":rotating_light: Capsule [{kind}] {message}"}
         try:
-            response = self.http.post(self.settings.alert_webhook_url, json=payload)
+            response = self.http.post(
+                self.settings.alert_webhook_url.get_secret_value(), json=payload
+            )
             response.raise_for_status()
             return True
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -93,7 +95,7 @@ class Alerter:
         if not self.settings.heartbeat_url:
             return False
         try:
-            self.http.get(self.settings.heartbeat_url).raise_for_status()
+            self.http.get(self.settings.heartbeat_url.get_secret_value()).raise_for_status()
             return True
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             log.error("heartbeat ping failed: %s", describe_failure(exc))

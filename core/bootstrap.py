@@ -37,7 +37,9 @@ class App:
     @property
     def keyring(self) -> Keyring:
         if self._keyring is None:
-            self._keyring = load_keyring(self.settings.encryption_keys, self.settings.keys_path)
+            self._keyring = load_keyring(
+                self.settings.encryption_keys.get_secret_value(), self.settings.keys_path
+            )
         return self._keyring
 
     @cached_property

@@ -251,10 +251,13 @@ def init_sentry(
     if not settings.sentry_dsn:
         return False
     with _lock:
-        if _initialised_dsn == settings.sentry_dsn and sentry_sdk.is_initialized():
+        if (
+            _initialised_dsn == settings.sentry_dsn.get_secret_value()
+            and sentry_sdk.is_initialized()
+        ):
             return True
         sentry_sdk.init(
-            dsn=settings.sentry_dsn,
+            dsn=settings.sentry_dsn.get_secret_value(),
             # Only the integrations listed here: the default set includes argv (letter text
             # in `capsule schedule`), and auto-enabled ones record HTTP and SQL breadcrumbs.
             default_integrations=False,
@@ -279,7 +282,7 @@ def init_sentry(
         )
         # The global scope: every thread, including workers started before this call.
         sentry_sdk.get_global_scope().set_tag("component", component)
-        _initialised_dsn = settings.sentry_dsn
+        _initialised_dsn = settings.sentry_dsn.get_secret_value()
     log.info("error reporting to Sentry is on (%s)", component)
     return True
 

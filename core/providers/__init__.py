@@ -44,7 +44,7 @@ def build_provider(name: str, settings: Settings, http_client: httpx.Client | No
         assert http_client is not None and settings.resend_api_key
         return ResendProvider(
             http_client,
-            api_key=settings.resend_api_key,
+            api_key=settings.resend_api_key.get_secret_value(),
             base_url=settings.resend_base_url,
             timeout=timeout,
         )
@@ -52,7 +52,7 @@ def build_provider(name: str, settings: Settings, http_client: httpx.Client | No
         assert http_client is not None and settings.postmark_server_token
         return PostmarkProvider(
             http_client,
-            server_token=settings.postmark_server_token,
+            server_token=settings.postmark_server_token.get_secret_value(),
             base_url=settings.postmark_base_url,
             message_stream=settings.postmark_message_stream,
             timeout=timeout,
@@ -62,7 +62,7 @@ def build_provider(name: str, settings: Settings, http_client: httpx.Client | No
             settings.smtp_host,
             settings.smtp_port,
             username=settings.smtp_username,
-            password=settings.smtp_password,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             starttls=settings.smtp_starttls,
             connect_timeout=settings.provider_connect_timeout,
             read_timeout=settings.provider_read_timeout,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -107,7 +106,7 @@ def test_an_operation_above_the_row_cap_is_refused_and_nothing_is_written(
     app: App,
     failed: list[uuid.UUID],  # noqa: F811
 ) -> None:
-    app.settings = replace(app.settings, bulk_max_rows=2)
+    app.settings = app.settings.replace(bulk_max_rows=2)
     with pytest.raises(ValidationError, match=r"at most 2 \(CAPSULE_BULK_MAX_ROWS\)"):
         launch(app, FailedFilter(), count=3)
     assert operations(app) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def test_a_tampered_letter_with_its_key_present_fails_as_decryption(
 
 def test_the_missing_key_wait_is_a_setting(apps: tuple[App, App]) -> None:
     full, lost = apps
-    lost.settings = replace(lost.settings, missing_key_retry_seconds=7200)
+    lost.settings = lost.settings.replace(missing_key_retry_seconds=7200)
     delivery_id = due_now(full)
     now = utcnow()
     run_delivery(lost, delivery_id, f"t-{uuid.uuid4().hex}", clock=lambda: now)

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -169,8 +168,7 @@ def test_failing_webhook_and_heartbeat_log_host_and_status_never_the_token(
     app: App, failing_hook: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a webhook and a heartbeat URL with tokens in path and query, both answering 503
-    app.settings = replace(
-        app.settings,
+    app.settings = app.settings.replace(
         alert_webhook_url=f"{failing_hook}/hooks/{TOKEN}",
         heartbeat_url=f"{failing_hook}/ping?token={TOKEN}",
     )

@@ -33,8 +33,7 @@ from tests.fakes.webhook_receiver import (
 
 @pytest.fixture
 def hook_app(app: App, enqueuer: RecordingEnqueuer) -> Iterator[App]:
-    settings = dataclasses.replace(
-        app.settings,
+    settings = app.settings.replace(
         resend_webhook_secrets=(OTHER_SECRET, TEST_SECRET),  # mid-rotation: either signs
         postmark_webhook_credentials=(f"{POSTMARK_USER}:{POSTMARK_PASSWORD}",),
         webhook_max_body_bytes=4096,
@@ -166,7 +165,7 @@ def test_postmark_needs_its_basic_auth_and_an_allowed_source(
 
 
 def test_postmark_from_a_source_outside_the_allowlist_is_refused(hook_app: App) -> None:
-    settings = dataclasses.replace(hook_app.settings, postmark_webhook_allowed_ips=("10.9.0.0/16",))
+    settings = hook_app.settings.replace(postmark_webhook_allowed_ips=("10.9.0.0/16",))
     app = dataclasses.replace(hook_app, settings=settings)
     with ReceiverServer(app) as server:
         response = httpx.post(

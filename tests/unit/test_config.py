@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pydantic
 import pytest
 
 from core.config import SETTINGS_DOC, Settings
@@ -62,4 +65,36 @@ def test_repr_hides_secrets_and_every_variable_is_documented() -> None:
     )
     assert "hunter2" not in repr(settings) and "abc" not in repr(settings)
     assert all(doc for _, doc in SETTINGS_DOC.values())
-    assert len(SETTINGS_DOC) == len(Settings.__dataclass_fields__)
+    assert len(SETTINGS_DOC) == len(Settings.model_fields)
+
+
+def test_secret_files_are_read_and_the_environment_wins(tmp_path: Path) -> None:
+    # Given Docker-style secret files named like the variables
+    (tmp_path / "CAPSULE_SMTP_PASSWORD").write_text("hunter2\n")
+    (tmp_path / "CAPSULE_LEASE_SECONDS").write_text("120\n")
+    # When the environment points at them and also sets one of the two
+    settings = Settings.from_env(
+        {"CAPSULE_SECRETS_DIR": str(tmp_path), "CAPSULE_LEASE_SECONDS": "90"}
+    )
+    # Then the file fills what the environment leaves out, and the secret stays hidden
+    assert settings.smtp_password is not None
+    assert settings.smtp_password.get_secret_value() == "hunter2"
+    assert settings.lease_seconds == 90
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
+
+
+def test_a_malformed_secret_file_or_directory_names_its_variable(tmp_path: Path) -> None:
+    (tmp_path / "CAPSULE_BATCH_SIZE").write_text("lots")
+    with pytest.raises(ConfigError, match="^CAPSULE_BATCH_SIZE"):
+        Settings.from_env({"CAPSULE_SECRETS_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="^CAPSULE_SECRETS_DIR"):
+        Settings.from_env({"CAPSULE_SECRETS_DIR": str(tmp_path / "missing")})
+
+
+def test_replace_validates_and_settings_stay_frozen() -> None:
+    settings = Settings.from_env({})
+    assert settings.replace(batch_size=7).batch_size == 7 and settings.batch_size == 100
+    with pytest.raises(ConfigError, match="^CAPSULE_BATCH_SIZE"):
+        settings.replace(batch_size=0)
+    with pytest.raises(pydantic.ValidationError):
+        settings.batch_size = 7  # type: ignore[misc]
