@@ -201,8 +201,7 @@ def apply(
                 from core.webhooks import release_held
 
                 release_held(
-                    app.session_factory,
-                    app.enqueuer,
+                    app,
                     delivery_id,
                     now=now,
                     actor=operator.identity,

@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session
 from core import audit, notifications
 from core.db import SessionFactory, session_scope
 from core.deliveries import _load, _transition
-from core.dispatch import Enqueuer, dispatch
+from core.deps import Deps
+from core.dispatch import dispatch
 from core.errors import InvalidTransition, ValidationError
 from core.models import (
     AFTER_SENT,
@@ -490,8 +491,7 @@ def hold_if_suppressed(session: Session, delivery_id: uuid.UUID, *, now: datetim
 
 
 def release_held(
-    session_factory: SessionFactory,
-    enqueuer: Enqueuer,
+    deps: Deps,
     delivery_id: uuid.UUID,
     *,
     now: datetime,
@@ -502,7 +502,7 @@ def release_held(
     release is remembered, so the suppression does not hold it again). Returns the task id."""
     if not reason.strip():
         raise ValidationError("reason", "a release needs a reason")
-    with session_scope(session_factory) as session:
+    with session_scope(deps.session_factory) as session:
         row = _load(session, delivery_id)
         _transition(
             session,
@@ -526,4 +526,4 @@ def release_held(
             data={"address": row.recipient_email},
         )
         session.commit()
-    return dispatch(session_factory, enqueuer, delivery_id, now, now)
+    return dispatch(deps.session_factory, deps.enqueuer, delivery_id, now, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -260,3 +261,139 @@ def test_suppression_list_and_release_commands(cli: Cli) -> None:
     assert json.loads(cli.ok("suppression", "list")) == []
     history = json.loads(cli.ok("suppression", "list", "--all"))
     assert history[0]["removed_reason"] == "mailbox back"
+
+
+# ---------------------------------------------------------------- grouped spellings and aliases
+
+
+def _leaf(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The parser `capsule WORDS…` reaches."""
+    for word in words:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return parser
+
+
+def _listed(parser: argparse.ArgumentParser) -> list[str]:
+    """The commands a parser's --help lists, in order."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [action.dest for action in sub._choices_actions]
+
+
+def test_every_older_spelling_runs_the_same_command_as_its_grouped_one() -> None:
+    from tasks.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    aliases = {alias for command in COMMANDS for alias in command.aliases}
+    assert {"schedule", "status", "cancel", "reschedule", "requeue", "release", "demo"} <= aliases
+    assert {"reconcile", "health", "rollup", "exporter", "consumer-health"} <= aliases
+    assert {"failed list", "bulk requeue", "bulk resume", "bulk status", "bulk abort"} <= aliases
+    for command in COMMANDS:
+        grouped = _leaf(parser, command.path.split())
+        assert grouped.get_default("fn") is command.handler, command.path
+        options = [(a.option_strings, a.dest, a.required) for a in grouped._actions]
+        for alias in command.aliases:
+            old = _leaf(parser, alias.split())
+            assert old.get_default("fn") is command.handler, alias
+            assert [(a.option_strings, a.dest, a.required) for a in old._actions] == options
+
+
+def test_help_lists_the_groups_and_each_groups_commands_in_order() -> None:
+    from tasks.cli import build_parser
+
+    parser = build_parser()
+    assert _listed(parser) == [
+        "db",
+        "keys",
+        "user",
+        "operator",
+        "delivery",
+        "safety",
+        "webhooks",
+        "suppression",
+    ]
+    assert _listed(_leaf(parser, ["delivery"])) == [
+        "schedule",
+        "status",
+        "reschedule",
+        "cancel",
+        "requeue",
+        "release",
+        "failed",
+        "bulk",
+    ]
+    assert _listed(_leaf(parser, ["delivery", "bulk"])) == [
+        "requeue",
+        "resume",
+        "status",
+        "list",
+        "abort",
+    ]
+    assert _listed(_leaf(parser, ["safety"])) == [
+        "reconcile",
+        "health",
+        "rollup",
+        "exporter",
+        "consumer-health",
+    ]
+    assert _listed(_leaf(parser, ["db"])) == ["upgrade", "current", "history", "demo"]
+    text = parser.format_help()
+    assert "capsule schedule|status|reschedule|cancel|requeue|release" in text
+    assert "= capsule delivery …" in text and "= capsule safety …" in text
+    assert "capsule failed list" in text and "= capsule delivery failed" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["delivery"], ["delivery", "bulk"], ["safety"], ["bulk"], ["failed"], ["delivery", "failed"]],
+)
+def test_every_group_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from tasks.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0 and "usage: capsule" in capsys.readouterr().out
+
+
+def test_the_grouped_spellings_work_and_refuse_like_the_old_ones(cli: Cli) -> None:
+    # Given a letter scheduled with the grouped spelling
+    delivery_id = cli.ok(
+        "delivery", "schedule", "--user", "ada@example.com", "--to", "me@example.com",
+        "--at", "+1d", "--subject", "Hi", "--body", "b",
+    ).strip()  # fmt: skip
+    assert json.loads(cli.ok("delivery", "status", delivery_id))["status"] == "scheduled"
+    before = cli.counts()
+
+    # When a change misses its reason, under either spelling
+    grouped = cli("delivery", "cancel", delivery_id)
+    old = cli("cancel", delivery_id)
+
+    # Then both refuse on one line, exit 2, and write nothing
+    for done in (grouped, old):
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("capsule: error: ") and "--reason" in done.stderr
+    assert "`capsule delivery cancel --help`" in grouped.stderr
+    assert "`capsule cancel --help`" in old.stderr
+    assert cli.counts() == before
+
+    # And the grouped spellings change the row as the old ones do
+    cli.ok("delivery", "reschedule", delivery_id, "--at", "+2d", "--reason", "asked")
+    assert (
+        cli.ok("delivery", "cancel", delivery_id, "--reason", "asked")
+        == f"canceled {delivery_id}\n"
+    )
+    assert json.loads(cli.ok("status", delivery_id))["status"] == "canceled"
+    cli.ok("safety", "reconcile")
+    assert cli("safety", "health").returncode == 0
+
+
+def test_python_dash_m_runs_the_same_command_line(cli: Cli) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "db", "current", "--json"],
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["at_head"] is True

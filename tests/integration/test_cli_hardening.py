@@ -197,7 +197,7 @@ def test_changes_need_a_one_line_reason_and_record_the_os_user(cli: Cli) -> None
 def test_the_actor_falls_back_to_the_uid_without_a_user_name(
     monkeypatch: pytest.MonkeyPatch, failure: Exception | None
 ) -> None:
-    from tasks import cli as cli_module
+    from tasks.cli import common
 
     def getuser() -> str:
         if failure is not None:
@@ -205,7 +205,7 @@ def test_the_actor_falls_back_to_the_uid_without_a_user_name(
         return "ro\u202eot"  # a name no audit line should carry as is
 
     monkeypatch.setattr(getpass, "getuser", getuser)
-    assert cli_module.os_user() == f"uid {os.getuid()}"
+    assert common.os_user() == f"uid {os.getuid()}"
 
 
 def test_unknown_ids_are_quoted(cli: Cli) -> None:

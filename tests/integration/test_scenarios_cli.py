@@ -19,7 +19,7 @@ from core.db import session_scope
 from core.deliveries import create_user, schedule_delivery
 from core.models import Delivery, Status
 from core.worker import run_delivery
-from tasks.cli import delivery_status
+from tasks.cli.deliveries import delivery_status
 
 BIN = Path(sys.executable).parent
 PLUS_TWO = timezone(timedelta(hours=2))

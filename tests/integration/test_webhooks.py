@@ -279,13 +279,9 @@ def test_a_letter_due_to_a_suppressed_address_is_held_until_support_releases_it(
 
     # Then a release needs a reason, and after it the letter is due and not held again
     with pytest.raises(ValidationError):
-        webhooks.release_held(
-            app.session_factory, enqueuer, delivery_id, now=due, actor="support", reason=" "
-        )
+        webhooks.release_held(app, delivery_id, now=due, actor="support", reason=" ")
     later = due + timedelta(minutes=1)
-    webhooks.release_held(
-        app.session_factory, enqueuer, delivery_id, now=later, actor="support", reason="owner asked"
-    )
+    webhooks.release_held(app, delivery_id, now=later, actor="support", reason="owner asked")
     with session_scope(app.session_factory) as s:
         assert not webhooks.hold_if_suppressed(s, delivery_id, now=later)
         assert claim(s, delivery_id, "t2", now=later, lease_seconds=60) is not None
@@ -323,9 +319,7 @@ def test_support_removes_an_address_audited_and_a_held_letter_can_be_canceled(
     cancel_delivery(app, delivery_id, now=due, actor="s", reason="r")
     assert state(app, delivery_id) == ("canceled", None)
     with pytest.raises(InvalidTransition):
-        webhooks.release_held(
-            app.session_factory, enqueuer, delivery_id, now=due, actor="s", reason="r"
-        )
+        webhooks.release_held(app, delivery_id, now=due, actor="s", reason="r")
 
 
 def test_the_backstop_processes_an_event_whose_task_was_lost(app: App) -> None:

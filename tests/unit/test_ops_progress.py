@@ -9,7 +9,8 @@ import json
 import uuid
 from datetime import UTC, datetime
 
-from tasks.cli_ops import Progress, write_csv, write_json, write_table
+from tasks.cli.failed import write_csv, write_json, write_table
+from tasks.cli.progress import Progress
 
 
 class Clock:
