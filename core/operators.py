@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -144,8 +145,11 @@ def needs_rehash(encoded: str) -> bool:
         return True
 
 
-# Checked when the username is unknown, so a wrong name costs the same time as a wrong password.
-_DUMMY_HASH = _HASHER.hash(_b64(b"0" * 16))
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when the username is unknown, so a wrong name costs the same time as a wrong
+    password. Made on first use: hashing at import cost every CLI run a quarter of a second."""
+    return _HASHER.hash(_b64(b"0" * 16))
 
 
 def authenticate(
@@ -163,7 +167,7 @@ def authenticate(
     """
     entry = accounts.get(username.strip()) if username else None
     stored = upgraded or (str(entry.get("password_hash", "")) if entry else "")
-    ok = verify_password(password, stored or _DUMMY_HASH)
+    ok = verify_password(password, stored or _dummy_hash())
     if not (entry and stored and ok):
         return None
     return account_operator(accounts, username.strip())
