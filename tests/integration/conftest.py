@@ -2,10 +2,13 @@
 
 open_world   open_world(marker=True, **env) -> a scenario World on the test's PostgreSQL
              database, Redis prefix and fake provider server; closed after the test
+cli          a `capsule` driver on a copy of a var/ the real CLI made once per session (a key,
+             the schema, ada@example.com with 2 credits)
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from benchmarks.fakes.provider_server import FakeProviderServer
 from core.crypto import Keyring
 from tests.integration.scenario_world import World
+from tests.integration.test_cli import Cli
 
 
 @pytest.fixture
@@ -41,3 +45,20 @@ def open_world(
     yield open_
     for world in worlds:
         world.close()
+
+
+@pytest.fixture(scope="session")
+def cli_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A var/ made once by the real CLI: a key, the schema, Ada with 2 credits. Each test gets
+    a copy (three CLI runs per test cost most of these files' time)."""
+    cli = Cli(tmp_path_factory.mktemp("cli-template") / "var")
+    cli.ok("keys", "generate", "--if-missing")
+    cli.ok("db", "upgrade")
+    cli.ok("user", "add", "ada@example.com", "--name", "Ada", "--credits", "2")
+    return cli.var
+
+
+@pytest.fixture
+def cli(tmp_path: Path, cli_template: Path) -> Cli:
+    shutil.copytree(cli_template, tmp_path / "var")  # modes kept: 0700 and 0600
+    return Cli(tmp_path / "var")

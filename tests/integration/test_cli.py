@@ -72,15 +72,6 @@ class Cli:
         return result
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path / "var")
-    cli.ok("keys", "generate", "--if-missing")
-    cli.ok("db", "upgrade")
-    cli.ok("user", "add", "ada@example.com", "--name", "Ada", "--credits", "2")
-    return cli
-
-
 def test_schedule_then_status_prints_json_without_the_letter(cli: Cli) -> None:
     done = cli.schedule(at="+3d", subject="Secret subject", body="Secret body")
     delivery_id = uuid.UUID(done.stdout.strip())

@@ -17,15 +17,6 @@ from core.models import AuditEvent, CreditEntry
 from tests.integration.test_cli import BIN, Cli
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path / "var")
-    cli.ok("keys", "generate", "--if-missing")
-    cli.ok("db", "upgrade")
-    cli.ok("user", "add", "ada@example.com", "--name", "Ada", "--credits", "2")
-    return cli
-
-
 def refused(done: subprocess.CompletedProcess[str], message: str) -> None:
     """Exit 2, exactly one line on stderr, starting as every CLI error does, naming `message`."""
     assert done.returncode == 2, (done.returncode, done.stderr)
