@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONSUMER_FLAGS ?= -w 4 -k thread
 PORT ?= 8501
+# make test runs the suite in this many pytest processes (pytest-xdist); most of its time is
+# spent waiting on real consumers, servers and a browser, so more processes than cores pay
+TEST_WORKERS ?= 4
 CHAOS_FLAGS ?=
 
 .PHONY: run test setup lint typecheck unit mutate bench bench-render chaos clean
@@ -40,8 +43,9 @@ typecheck: setup
 	$(BIN)/mypy core
 
 ## make test: lint, types, and the whole suite (SQLite, PostgreSQL, Redis, SMTP, HTTP, browser)
+## in $(TEST_WORKERS) processes; the 15 slowest tests are listed at the end
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load --durations=15
 
 unit: setup
 	$(BIN)/pytest -q tests/unit

@@ -38,6 +38,13 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 KEY_ENTRY = generate_key_entry("test1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that wait minutes on real consumers or drive a browser go first. Under
+    `pytest -n N` (make test) the first tests are dealt out one per worker, so these long waits
+    overlap each other and the rest of the suite instead of ending the run alone."""
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("slow", "browser")))
+
+
 def service_missing(what: str, exc: BaseException) -> None:
     message = f"{what} is not reachable: {exc}"
     if IN_CI:
