@@ -27,9 +27,8 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.claims import Claim
+from core.claims import Claim, claimable, claimed_values
 from core.models import BatchState, Delivery, DeliveryBatch, ErrorClass, Status
-from core.policy import lease_until
 from core.webhooks import suppressed
 
 # Resend keeps an idempotency key 24 h; a replay must go out well inside that window, or the
@@ -94,18 +93,6 @@ def _claims(rows: Sequence[Any], task_id: str) -> list[Claim]:
     ]
 
 
-def _claimed_values(task_id: str, now: datetime, lease_seconds: float) -> dict[str, Any]:
-    return {
-        "status": Status.PROCESSING,
-        "lease_until": lease_until(now, lease_seconds),
-        "task_id": task_id,
-        "attempt_count": Delivery.attempt_count + 1,
-        "round_attempts": Delivery.round_attempts + 1,
-        "version": Delivery.version + 1,
-        "updated_at": now,
-    }
-
-
 def claim_more(
     session: Session,
     task_id: str,
@@ -123,11 +110,11 @@ def claim_more(
     """
     if limit < 1:
         return []
+    due = claimable(now)
     picked = (
         select(Delivery.id, Delivery.task_id)
         .where(
-            Delivery.status == Status.SCHEDULED,
-            Delivery.next_attempt_at <= now,
+            *due,
             Delivery.pinned_provider.is_(None),
             Delivery.batch_id.is_(None),
             or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),
@@ -144,22 +131,16 @@ def claim_more(
     claimed = (
         update(Delivery)
         .execution_options(synchronize_session=False)
-        .values(**_claimed_values(task_id, now, lease_seconds))
+        .values(**claimed_values(task_id, now, lease_seconds))
     )
     if session.get_bind().dialect.name == "postgresql":
         # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the
         # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)
-        statement = claimed.where(
-            Delivery.id == picked.c.id,
-            Delivery.status == Status.SCHEDULED,
-            Delivery.next_attempt_at <= now,
-        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))
+        statement = claimed.where(Delivery.id == picked.c.id, *due).returning(
+            *_RETURNING, picked.c.task_id.label("queued_task_id")
+        )
     else:
-        statement = claimed.where(
-            Delivery.id.in_(select(picked.c.id)),
-            Delivery.status == Status.SCHEDULED,
-            Delivery.next_attempt_at <= now,
-        ).returning(*_RETURNING)
+        statement = claimed.where(Delivery.id.in_(select(picked.c.id)), *due).returning(*_RETURNING)
     claims = _claims(session.execute(statement).all(), task_id)
     return sorted(claims, key=lambda c: c.delivery_id.hex)
 
@@ -246,7 +227,7 @@ def claim_members(
                 and_(Delivery.status == Status.PROCESSING, Delivery.lease_until < now),
             ),
         )
-        .values(**_claimed_values(task_id, now, lease_seconds))
+        .values(**claimed_values(task_id, now, lease_seconds))
         .returning(*_RETURNING)
     )
     return _claims(result.all(), task_id)

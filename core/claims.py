@@ -4,7 +4,8 @@
     claim                  scheduled and due → processing, lease_until = now + lease
     recover_expired_lease  processing, lease expired → scheduled, due now, same key
 
-Both run in the caller's transaction; the caller commits.
+Both run in the caller's transaction; the caller commits. `claimable` and `claimed_values` are
+the claim's condition and its writes, shared with the batch claims (core.batches).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -46,6 +48,28 @@ class Claim:
     queued_task_id: str | None = None
 
 
+def claimable(now: datetime) -> tuple[ColumnElement[bool], ...]:
+    """The claim's compare-and-set condition (DESIGN.md invariant 1): scheduled, and due.
+
+    Every claim puts it on the UPDATE itself, whatever a query before it saw: the one letter a
+    task names, a batch's pick of more letters and that pick's UPDATE.
+    """
+    return (Delivery.status == Status.SCHEDULED, Delivery.next_attempt_at <= now)
+
+
+def claimed_values(task_id: str, now: datetime, lease_seconds: float) -> dict[str, Any]:
+    """What a claim writes: processing under a lease, held by `task_id`, one more run."""
+    return {
+        "status": Status.PROCESSING,
+        "lease_until": lease_until(now, lease_seconds),
+        "task_id": task_id,
+        "attempt_count": Delivery.attempt_count + 1,
+        "round_attempts": Delivery.round_attempts + 1,
+        "version": Delivery.version + 1,
+        "updated_at": now,
+    }
+
+
 def claim(
     session: Session,
     delivery_id: uuid.UUID,
@@ -62,20 +86,8 @@ def claim(
     result = session.execute(
         update(Delivery)
         .execution_options(synchronize_session=False)
-        .where(
-            Delivery.id == delivery_id,
-            Delivery.status == Status.SCHEDULED,
-            Delivery.next_attempt_at <= now,
-        )
-        .values(
-            status=Status.PROCESSING,
-            lease_until=lease_until(now, lease_seconds),
-            task_id=task_id,
-            attempt_count=Delivery.attempt_count + 1,
-            round_attempts=Delivery.round_attempts + 1,
-            version=Delivery.version + 1,
-            updated_at=now,
-        )
+        .where(Delivery.id == delivery_id, *claimable(now))
+        .values(**claimed_values(task_id, now, lease_seconds))
         .returning(
             Delivery.attempt_count,
             Delivery.round_attempts,

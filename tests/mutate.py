@@ -63,42 +63,33 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "claim-status",
         "core/claims.py",
-        "            Delivery.id == delivery_id,\n"
-        "            Delivery.status == Status.SCHEDULED,\n"
-        "            Delivery.next_attempt_at <= now,\n",
-        "            Delivery.id == delivery_id,\n            Delivery.next_attempt_at <= now,\n",
+        "    return (Delivery.status == Status.SCHEDULED, Delivery.next_attempt_at <= now)\n",
+        "    return (Delivery.next_attempt_at <= now,)\n",
         (
             f"{WORKER}::test_racing_threads_send_exactly_one_message",
             f"{TRANSITIONS}::test_claim_is_a_compare_and_set_only_one_of_two_tasks_wins",
         ),
-        "claim() takes any row, whatever its status",
+        "the claim (one letter's and a batch's) takes any row, whatever its status",
     ),
     Mutant(
         "claim-due",
         "core/claims.py",
-        "            Delivery.status == Status.SCHEDULED,\n"
-        "            Delivery.next_attempt_at <= now,\n"
-        "        )\n"
-        "        .values(\n"
-        "            status=Status.PROCESSING,\n",
-        "            Delivery.status == Status.SCHEDULED,\n"
-        "        )\n"
-        "        .values(\n"
-        "            status=Status.PROCESSING,\n",
+        "    return (Delivery.status == Status.SCHEDULED, Delivery.next_attempt_at <= now)\n",
+        "    return (Delivery.status == Status.SCHEDULED,)\n",
         (
             f"{TRANSITIONS}::test_after_a_reschedule_a_claim_by_the_old_dispatch_finds_nothing",
             f"{WORKER}::test_a_canceled_or_rescheduled_later_delivery_sends_nothing_when_its_old_task_wakes",
         ),
-        "claim() takes a row that is not due yet (a stale task after a reschedule)",
+        "the claim takes a row that is not due yet (a stale task after a reschedule)",
     ),
     Mutant(
         "claim-version",
         "core/claims.py",
-        "            round_attempts=Delivery.round_attempts + 1,\n"
-        "            version=Delivery.version + 1,\n",
-        "            round_attempts=Delivery.round_attempts + 1,\n",
+        '        "round_attempts": Delivery.round_attempts + 1,\n'
+        '        "version": Delivery.version + 1,\n',
+        '        "round_attempts": Delivery.round_attempts + 1,\n',
         (f"{INVARIANTS}::test_a_claim_moves_the_version_so_a_stale_read_cannot_act",),
-        "claim() leaves the row's version as it was",
+        "the claim leaves the row's version as it was",
     ),
     # ------------------------------------------------ record_outcome's compare-and-set
     Mutant(
@@ -237,77 +228,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "batch-claim-status",
         "core/batches.py",
-        "            Delivery.status == Status.SCHEDULED,\n"
+        "        .where(\n            *due,\n            Delivery.pinned_provider.is_(None),\n",
+        "        .where(\n"
         "            Delivery.next_attempt_at <= now,\n"
         "            Delivery.pinned_provider.is_(None),\n",
-        "            Delivery.next_attempt_at <= now,\n            Delivery.pinned_provider.is_(None),\n",
         (f"{BATCHES}::test_letters_already_sent_never_take_a_batch_s_places",),
         "a batch's pick takes letters whatever their status (the UPDATE's repeat still holds)",
     ),
     Mutant(
         "batch-claim-cas",
         "core/batches.py",
-        "            Delivery.status == Status.SCHEDULED,\n"
-        "            Delivery.next_attempt_at <= now,\n"
-        "            Delivery.pinned_provider.is_(None),\n"
-        "            Delivery.batch_id.is_(None),\n"
-        "            or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),\n"
-        "            # a letter to a suppressed address is left to its own run, which holds it\n"
-        "            ~suppressed(),\n"
-        "        )\n"
-        "        .order_by(Delivery.next_attempt_at)\n"
-        "        .limit(limit)\n"
-        "        .with_for_update(skip_locked=True)\n"
-        "        # A CTE, evaluated once: PostgreSQL may rescan a plain IN (subquery), and each\n"
-        "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
-        '        .cte("picked")\n'
-        "    )\n"
-        "    claimed = (\n"
-        "        update(Delivery)\n"
-        "        .execution_options(synchronize_session=False)\n"
-        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
-        "    )\n"
-        '    if session.get_bind().dialect.name == "postgresql":\n'
-        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
-        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
-        "        statement = claimed.where(\n"
-        "            Delivery.id == picked.c.id,\n"
-        "            Delivery.status == Status.SCHEDULED,\n"
-        "            Delivery.next_attempt_at <= now,\n"
-        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
-        "    else:\n"
-        "        statement = claimed.where(\n"
-        "            Delivery.id.in_(select(picked.c.id)),\n"
-        "            Delivery.status == Status.SCHEDULED,\n",
-        "            Delivery.next_attempt_at <= now,\n"
-        "            Delivery.pinned_provider.is_(None),\n"
-        "            Delivery.batch_id.is_(None),\n"
-        "            or_(Delivery.error_class.is_(None), Delivery.error_class != ErrorClass.LEASE_EXPIRED),\n"
-        "            # a letter to a suppressed address is left to its own run, which holds it\n"
-        "            ~suppressed(),\n"
-        "        )\n"
-        "        .order_by(Delivery.next_attempt_at)\n"
-        "        .limit(limit)\n"
-        "        .with_for_update(skip_locked=True)\n"
-        "        # A CTE, evaluated once: PostgreSQL may rescan a plain IN (subquery), and each\n"
-        "        # rescan with SKIP LOCKED returns other rows, past the LIMIT.\n"
-        '        .cte("picked")\n'
-        "    )\n"
-        "    claimed = (\n"
-        "        update(Delivery)\n"
-        "        .execution_options(synchronize_session=False)\n"
-        "        .values(**_claimed_values(task_id, now, lease_seconds))\n"
-        "    )\n"
-        '    if session.get_bind().dialect.name == "postgresql":\n'
-        "        # UPDATE … FROM picked: RETURNING can name the task each letter had queued, so the\n"
-        "        # caller can revoke it (PostgreSQL only; SQLite's RETURNING sees the updated table only)\n"
-        "        statement = claimed.where(\n"
-        "            Delivery.id == picked.c.id,\n"
-        "            Delivery.next_attempt_at <= now,\n"
-        '        ).returning(*_RETURNING, picked.c.task_id.label("queued_task_id"))\n'
-        "    else:\n"
-        "        statement = claimed.where(\n"
-        "            Delivery.id.in_(select(picked.c.id)),\n",
+        "    due = claimable(now)\n",
+        "    due = (Delivery.next_attempt_at <= now,)\n",
         (f"{BATCHES}::test_a_letter_another_run_holds_is_never_claimed_again",),
         "a batch's claim takes letters whatever their status (the pick and the UPDATE)",
     ),
