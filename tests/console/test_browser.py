@@ -172,8 +172,11 @@ def stack(tmp_path: Path, seeded_template: Path, password_hash: str) -> Iterator
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Every expect() waits as long as a locator does: Playwright's own 5 s default is shorter
+    # than a Streamlit rerun takes on a machine whose cores are busy with other work
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium

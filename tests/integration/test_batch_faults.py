@@ -305,14 +305,15 @@ def batch_keys(live: World) -> list[str]:
 def test_a_real_consumer_sends_each_letter_once_through_a_batch_fault(
     live: World, fault: str
 ) -> None:
-    # Given a consumer, a fake that fails the first batch call with `fault`, and 40 letters
-    # due at one instant
+    # Given a fake that fails the first batch call with `fault`, 40 letters due at one instant,
+    # and then a consumer (started after the letters, so that a busy machine, slow to schedule
+    # 40 letters, cannot have it send the first ones alone as each falls due)
     batch_env(live)
     live.server.set_faults("resend", [fault])
-    live.consumer(workers=2)
     due = utcnow() + timedelta(seconds=2)
     for _ in range(40):
         live.schedule(due)
+    live.consumer(workers=2)
 
     # When they have all been sent (retries come back within seconds: backoff base 1 s)
     wait_for(lambda: live.count(Status.SENT) == 40, timeout=90, interval=0.5, what="40 sent")
@@ -331,10 +332,10 @@ def test_a_consumer_killed_mid_batch_is_recovered_by_replaying_the_batch(live: W
     # Given a fake that stores the batch and stalls 6 s, and a client that waits 20 s
     batch_env(live, CAPSULE_PROVIDER_READ_TIMEOUT="20", CAPSULE_LEASE_SECONDS="60")
     live.server.set_faults("resend", ["stall:6"])
-    consumer = live.consumer(workers=1)
     due = utcnow() + timedelta(seconds=1)
     for _ in range(10):
         live.schedule(due)
+    consumer = live.consumer(workers=1)  # after the letters: one batch, however slow scheduling
 
     # When the consumer is SIGKILLed while the call is in flight
     wait_for(lambda: len(live.server.messages()) == 10, timeout=30, what="batch stored")
