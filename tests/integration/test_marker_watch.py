@@ -25,7 +25,7 @@ from tests.integration.scenario_world import World
 from tests.integration.test_consumers import live, reconfigure  # noqa: F401  (fixture)
 from tests.integration.test_transitions import LATER, SOON, make_user, row, schedule
 
-LETTERS = 60
+LETTERS = 30
 
 
 # Huey's scheduler enqueues periodic tasks when the consumer starts and every 60 s after
@@ -44,10 +44,13 @@ def test_a_wiped_broker_is_noticed_within_seconds_and_what_is_due_goes_out_once(
     # Given a consumer that has set the broker's marker (its first dispatcher run, or its watch)
     wait_for(live.app.enqueuer.has_marker, timeout=20, what="marker set")
     start = utcnow()
-    # ... and letters due over the next few seconds, each dispatched to Redis at scheduling
-    due = [start + timedelta(seconds=3 + 4 * i / LETTERS) for i in range(LETTERS)]
+    # ... and letters due over a few seconds, each dispatched to Redis at scheduling, far enough
+    # ahead that a busy machine has scheduled them all before the first is due: the wipe must
+    # find every task still waiting in Redis, or there is nothing for the watch to rescue
+    due = [start + timedelta(seconds=10 + 4 * i / LETTERS) for i in range(LETTERS)]
     ids = [live.schedule(at) for at in due]
     assert all(row.task_id for row in live.rows())
+    assert utcnow() < due[0], "scheduling outlasted the first due time: nothing to rescue"
 
     # When the broker loses everything it held for this system
     assert live.wipe_broker() > 0

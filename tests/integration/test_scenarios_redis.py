@@ -42,13 +42,13 @@ def test_a_canceled_letters_eta_task_is_revoked_in_redis_and_never_runs(world: W
 
     # Given two letters due in a few seconds, each with its ETA task in Redis's schedule (the
     # consumer takes an ETA task from the queue and parks it in the schedule until it is due)
-    due = utcnow() + timedelta(seconds=10)
+    due = utcnow() + timedelta(seconds=20)  # room for a busy machine before they fall due
     canceled, control = world.schedule(due), world.schedule(due)
     task_id, control_task = world.row(canceled).task_id, world.row(control).task_id
     assert task_id and control_task
     wait_for(
         lambda: {t.id for t in world.queue.scheduled()} == {task_id, control_task},
-        timeout=8,
+        timeout=15,
         interval=0.05,
         what="both ETA tasks in Redis's schedule",
     )
@@ -148,7 +148,8 @@ def test_a_dead_redis_loses_no_schedule_and_the_consumer_survives_until_it_retur
         )
         assert consumer.alive
         assert all(world.sent_once(r.id) for r in rows)
-        assert world.requests() == 2
+        # each alone, or both in one batch when they fell due together (a busy machine)
+        assert len(world.server.messages()) == 2 and world.requests() in {1, 2}
     finally:
         world.close()
         redis.stop()
