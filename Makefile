@@ -45,7 +45,7 @@ typecheck: setup
 ## make test: lint, types, and the whole suite (SQLite, PostgreSQL, Redis, SMTP, HTTP, browser)
 ## in $(TEST_WORKERS) processes; the 15 slowest tests are listed at the end
 test: lint typecheck
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load --durations=15
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
