@@ -38,12 +38,14 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 KEY_ENTRY = generate_key_entry("test1")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests that wait minutes on real consumers or drive a browser go first. Under
     `pytest -n N --dist load` (make test) the first worker's opening run of tests holds them, so
     their waits overlap the rest of the suite instead of ending the run alone. (Dealt one per
     worker instead, three browsers starting at once on a starved machine each took over 30 s
     to show the sign-in form.)"""
+    if not hasattr(config, "workerinput"):  # one process: the usual order
+        return
     items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("slow", "browser")))
 
 
