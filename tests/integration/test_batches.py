@@ -158,11 +158,11 @@ def test_a_letter_another_run_holds_is_never_claimed_again(app: App) -> None:
     assert row(app, ids[3]).attempt_count == 1
 
 
+# SQLite serialises writers with BEGIN IMMEDIATE; SKIP LOCKED is PostgreSQL's
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
 def test_concurrent_runs_on_postgresql_take_disjoint_letters_without_waiting(
     app: App, db_kind: str
 ) -> None:
-    if db_kind != "postgresql":
-        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE; SKIP LOCKED is PostgreSQL's")
     ids = due_letters(app, 30)
     # the second run's own letter is pinned, so the first run's batch cannot take it (a run
     # whose own row is in another's claim waits for that transaction, then finds nothing)

@@ -376,10 +376,6 @@ def test_every_refusal_is_one_line_exit_2_and_writes_nothing(
     assert ops.written() == before
 
 
-@pytest.mark.skipif(
-    not hasattr(bulk, "conflicting"),
-    reason="the guard rails come with core.bulk's keys-bulk change",
-)
 def test_the_cli_keeps_the_consoles_guard_rails(ops: Ops) -> None:
     # Given transient and possibly-sent failures, the cap at 3 rows, and no consumer
     ops.failed(4, error_class="transient", start=utcnow() - timedelta(hours=1))
