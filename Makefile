@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONSUMER_FLAGS ?= -w 4 -k thread
 PORT ?= 8501
-# TEST_WORKERS=4 make test runs the suite in 4 pytest processes (pytest-xdist): about 10 min
-# instead of 25 on a quiet 2-core machine. One process is the default until the parallel run
-# has passed beside other work as reliably as one process does (docs/benchmarks.md).
-TEST_WORKERS ?= 1
+# make test runs the suite in 4 pytest processes (pytest-xdist): most of its time is waiting on
+# consumers, servers and a browser, and those waits overlap (about 10 min instead of 25 on a
+# 2-core machine; docs/benchmarks.md). TEST_WORKERS=1 make test runs it in one.
+TEST_WORKERS ?= 4
 CHAOS_FLAGS ?=
 
 .PHONY: run test setup lint typecheck unit mutate bench bench-render chaos clean
