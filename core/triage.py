@@ -9,6 +9,8 @@ row's state in its transaction) and leaves an audit event naming the operator:
                    or, when one exists already          notification.already_requested
     release        held → scheduled, due now            delivery.released
                    (a letter held for a suppressed address: support decided it may go)
+    redirect       failed | bounced (hard): the letter  delivery.redirected
+                   to a corrected address, due now      (one delivery at a time: `redirect`)
 
 A role below support gets PermissionDenied before anything is read.
 """
@@ -35,6 +37,7 @@ from core.errors import (
 )
 from core.models import Delivery, Notification, Status
 from core.operators import Operator, Role, require
+from core.redirect import Redirected, redirect_delivery
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ ACTIONS = {
     NOTIFY: "notify letter owners",
     RELEASE: "release held deliveries",
 }
+REDIRECT_ACTION = "redirect letters to a corrected address"
 MAX_REASON_CHARS = 2000
 
 
@@ -160,6 +164,28 @@ def notify_owner(
         log.warning("could not send the notice for %s now: %s", delivery_id, exc)
         sent = 0
     return Notified(delivery_id, "sent" if sent else "queued")
+
+
+def redirect(
+    app: App,
+    operator: Operator,
+    delivery_id: uuid.UUID,
+    *,
+    recipient: str,
+    reason: str,
+    now: datetime,
+) -> Redirected:
+    """Send the letter of a failed or hard-bounced delivery to the address its owner gave
+    support (core.redirect); returns the new delivery's id."""
+    require(operator, Role.SUPPORT, REDIRECT_ACTION)
+    return redirect_delivery(
+        app,
+        delivery_id,
+        recipient,
+        now=now,
+        actor=operator.identity,
+        reason=required_reason(reason),
+    )
 
 
 @dataclass(frozen=True)

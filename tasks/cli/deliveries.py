@@ -1,5 +1,5 @@
 """`capsule delivery …`: one letter's delivery (schedule, status, reschedule, cancel, requeue,
-release). Commands that change a delivery record who did it and why in the audit trail."""
+release, redirect). Commands that change a delivery record who did it and why in the audit trail."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from core.deps import Deps
 from core.errors import DeliveryNotFound
 from core.models import Delivery, DeliveryAttempt, WebhookEvent
 from core.policy import parse_when, utcnow
+from core.redirect import redirect_delivery
 from core.webhooks import release_held
 from tasks.cli.common import (
     ACTOR_HELP,
@@ -217,6 +218,22 @@ def cmd_release(args: argparse.Namespace) -> int:
     return _change(args, release_held, "released")
 
 
+def cmd_redirect(args: argparse.Namespace) -> int:
+    who, why = actor(args), reason(args)  # refused before anything is opened
+    app = get_app()
+    result = redirect_delivery(
+        app, delivery_id(args.id), args.to, now=utcnow(), actor=who, reason=why
+    )
+    print(result.new_id)
+    return 0
+
+
+def _redirect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id")
+    p.add_argument("--to", required=True, help="the corrected recipient address")
+    add_audit_flags(p)
+
+
 COMMANDS = (
     Command(
         "delivery schedule",
@@ -259,5 +276,12 @@ COMMANDS = (
         "send a letter held for a suppressed address after all (due now)",
         _id_and_audit_arguments,
         aliases=("release",),
+    ),
+    Command(
+        "delivery redirect",
+        cmd_redirect,
+        "send the letter of a failed or hard-bounced delivery to a corrected address, due now; "
+        "prints the new delivery id",
+        _redirect_arguments,
     ),
 )

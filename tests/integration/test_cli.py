@@ -254,6 +254,44 @@ def test_suppression_list_and_release_commands(cli: Cli) -> None:
     assert history[0]["removed_reason"] == "mailbox back"
 
 
+def test_redirect_sends_a_failed_letter_to_a_corrected_address(cli: Cli) -> None:
+    delivery_id = cli.schedule(to="old@example.com").stdout.strip()
+    # A scheduled letter is not failed: refused on one line, nothing written
+    before = cli.counts()
+    for args in (
+        ("delivery", "redirect", delivery_id, "--to", "new@example.com", "--reason", "x"),
+        ("delivery", "redirect", delivery_id, "--to", "new@example.com"),
+        ("delivery", "redirect", delivery_id, "--reason", "x"),
+    ):
+        refused = cli(*args)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, (args, refused.stderr)
+    assert (
+        "it is scheduled"
+        in cli(
+            "delivery", "redirect", delivery_id, "--to", "new@example.com", "--reason", "x"
+        ).stderr
+    )
+    assert cli.counts() == before
+
+    engine = create_engine(f"sqlite:///{cli.var / 'capsule.db'}")
+    with engine.begin() as conn:
+        conn.execute(
+            Delivery.__table__.update()
+            .where(Delivery.id == uuid.UUID(delivery_id))
+            .values(status="failed", error_class="permanent", failed_at=utcnow())
+        )
+    engine.dispose()
+    same = cli("delivery", "redirect", delivery_id, "--to", "OLD@example.com", "--reason", "x")
+    assert same.returncode == 2 and "the address it could not reach" in same.stderr
+
+    new_id = cli.ok(
+        "delivery", "redirect", delivery_id, "--to", "new@example.com", "--reason", "owner wrote"
+    ).strip()
+    old, new = json.loads(cli.ok("status", delivery_id)), json.loads(cli.ok("status", new_id))
+    assert old["status"] == "canceled"
+    assert (new["status"], new["recipient_email"]) == ("scheduled", "new@example.com")
+
+
 # ---------------------------------------------------------------- grouped spellings and aliases
 
 
@@ -310,6 +348,7 @@ def test_help_lists_the_groups_and_each_groups_commands_in_order() -> None:
         "cancel",
         "requeue",
         "release",
+        "redirect",
         "failed",
         "bulk",
     ]
