@@ -43,7 +43,8 @@ def render(operator: Operator) -> None:
     st.caption(
         "A hard bounce or complaint puts the address on the suppression list and tells the "
         "owner once; `capsule suppression remove ADDRESS --reason …` takes it off, "
-        "`capsule release ID --reason …` sends a held letter after all."
+        "`capsule release ID --reason …` sends a held letter after all. When the owner gives "
+        "a working address, open the delivery and send it to the corrected address."
     )
     rows = event.selection.rows
     if st.button("Open detail", icon=":material/open_in_new:", disabled=not rows):

@@ -11,6 +11,10 @@ import plotly.express as px
 import streamlit as st
 
 from console import actions, auth, data, ui
+from core import triage
+from core.errors import CapsuleError
+from core.operators import Operator, Role
+from core.policy import utcnow
 from core.queries.delivery import DeliveryDetail
 
 DETAIL_KEY = "_detail_id"
@@ -114,6 +118,52 @@ def _summary(d: DeliveryDetail) -> None:
         )
 
 
+def _redirect(operator: Operator, d: DeliveryDetail) -> None:
+    """Support: send the letter of a failed or hard-bounced delivery to the address its owner
+    gave (core.redirect). The new delivery opens here afterwards."""
+    if not operator.can(Role.SUPPORT):
+        return
+    if not (d.status == "failed" or (d.status == "bounced" and d.bounce_kind == "hard")):
+        return
+    with st.expander("Send to a corrected address", icon=":material/alternate_email:"):
+        st.caption(
+            "When the owner tells support an address that works: the same letter goes there "
+            "now as a new delivery, which takes one credit (a failed delivery's own credit is "
+            "refunded first). This delivery stays as the record."
+        )
+        with st.form("redirect_form", border=False):
+            address = st.text_input("Corrected address", key="redirect_address")
+            why = st.text_input(
+                "Reason (required; recorded in the audit log with your name)",
+                key="redirect_reason",
+                placeholder="e.g. owner's new address, confirmed by email (TICKET-123)",
+            )
+            submitted = st.form_submit_button(
+                "Send to this address", type="primary", icon=":material/send:"
+            )
+        if not submitted:
+            return
+        try:
+            done = triage.redirect(
+                data.get_app(),
+                operator,
+                uuid.UUID(d.id),
+                recipient=address,
+                reason=why,
+                now=utcnow(),
+            )
+        except CapsuleError as exc:
+            st.error(ui.text(exc))
+            return
+    ui.flash(
+        "success",
+        f"Redirected: delivery {done.new_id} sends the letter to {address.strip()} now; "
+        f"{d.id} stays as the record.",
+    )
+    st.session_state[DETAIL_KEY] = str(done.new_id)
+    data.refresh()
+
+
 def _timeline(d: DeliveryDetail) -> None:
     st.subheader("Attempts")
     if d.attempts.empty:
@@ -196,6 +246,7 @@ def render() -> None:
         actions.buttons(operator, [detail.id], key="detail")
     elif detail.status == "held":
         actions.buttons(operator, [detail.id], key="detail", actions=actions.HELD_ACTIONS)
+    _redirect(operator, detail)
     _timeline(detail)
     _provider_events(detail)
     left, right = st.columns([3, 2])

@@ -231,6 +231,50 @@ def test_viewer_detail_has_no_actions(console: Runner, engine: Engine) -> None:
     assert not {"Requeue", "Cancel", "Notify owner"} & {b.label for b in at.button}
 
 
+def test_support_redirects_a_failed_letter_to_a_corrected_address(
+    console: Runner, engine: Engine
+) -> None:
+    target = failed_frame(engine)[0]
+    at = console(SUPPORT, page="delivery")
+    at.text_input(key="detail_query").input(target).run()
+    with session_scope(make_session_factory(engine)) as s:
+        old_address = s.scalar(
+            select(Delivery.recipient_email).where(Delivery.id == uuid.UUID(target))
+        )
+
+    # The address it could not reach is refused on the page; nothing changes
+    at.text_input(key="redirect_address").input(str(old_address))
+    at.text_input(key="redirect_reason").input("owner wrote to support")
+    at = next(b for b in at.button if b.label == "Send to this address").click().run()
+    assert any("the address it could not reach" in e.value for e in at.error)
+    assert status_of(engine, target) == "failed"
+
+    at.text_input(key="redirect_address").input("fixed@example.com")
+    at = next(b for b in at.button if b.label == "Send to this address").click().run()
+    with session_scope(make_session_factory(engine)) as s:
+        new = s.scalars(
+            select(Delivery).where(Delivery.recipient_email == "fixed@example.com")
+        ).one()
+    assert status_of(engine, target) == "canceled" and new.status == "scheduled"
+    # The page opens the new delivery and says what happened
+    assert at.subheader[0].value == f"Delivery {new.id}"
+    assert f"Redirected: delivery {new.id}" in plain(at.success[0].value)
+    assert audit_for(engine, target)[-1] == (
+        "delivery.redirected",
+        SUPPORT.identity,
+        "owner wrote to support",
+    )
+    # A scheduled delivery offers no redirect
+    assert "Send to this address" not in {b.label for b in at.button}
+
+
+def test_a_viewer_is_not_offered_the_redirect(console: Runner, engine: Engine) -> None:
+    at = console(VIEWER, page="delivery")
+    at.text_input(key="detail_query").input(failed_frame(engine)[0]).run()
+    assert "Send to this address" not in {b.label for b in at.button}
+    assert not [t for t in at.text_input if t.key == "redirect_address"]
+
+
 # ---------------------------------------------------------------- audit log
 
 
