@@ -324,6 +324,18 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{WORKER}::test_resend_422_fails_at_once_and_tells_the_owner_exactly_once",),
         "sending pending notices sends the ones already sent again",
     ),
+    # ------------------------------------------------ a letter redirected to a new address
+    Mutant(
+        "redirect-one-live",
+        "core/redirect.py",
+        "            if not _spent(sibling):\n",
+        "            if False:\n",
+        (
+            "tests/integration/test_redirect.py::"
+            "test_one_live_delivery_per_letter_and_the_latest_failure_is_the_one_redirected",
+        ),
+        "a letter is redirected again while an earlier redirect's delivery may still send it",
+    ),
     # ------------------------------------------------ invariant 5: credits
     Mutant(
         "refund-on-permanent",

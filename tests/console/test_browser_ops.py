@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import csv
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 
 from core.crypto import Keyring
 from core.db import make_session_factory, session_scope
 from core.demo import seed
 from core.failed_filter import FailedFilter
+from core.models import Delivery
 from core.operators import Role, secrets_entry
 from core.policy import utcnow
 from core.queries import failed
@@ -151,6 +153,29 @@ def test_shared_link_export_and_pages_on_postgresql(pg_stack: dict[str, Any], br
     href = first_link.get_attribute("href") if first_link.count() else None
     if href is not None:  # glide draws links on canvas; when an anchor exists, check it
         assert "delivery?id=" in href
+
+    # ---- support sends a failed letter to the address its owner gave; the page opens it
+    target = expected[-1]
+    detail = context.new_page()
+    detail.set_default_timeout(TIMEOUT_MS)
+    detail.goto(f"{url}/delivery?id={target}")
+    expect(detail.get_by_role("heading", name=f"Delivery {target}")).to_be_visible()
+    detail.get_by_text("Send to a corrected address").click()
+    detail.get_by_label("Corrected address").fill("fixed@example.com")
+    detail.get_by_label(re.compile(r"^Reason \(required")).fill(
+        "owner's new address (browser test)"
+    )
+    detail.get_by_role("button", name="Send to this address").click()
+    expect(detail.get_by_text(re.compile(r"Redirected: delivery "))).to_be_visible()
+    with session_scope(make_session_factory(engine)) as s:
+        new = s.scalars(
+            select(Delivery).where(Delivery.recipient_email == "fixed@example.com")
+        ).one()
+        old_status = s.scalar(select(Delivery.status).where(Delivery.id == uuid.UUID(target)))
+    assert (old_status, new.status) == ("canceled", "scheduled")
+    expect(detail.get_by_role("heading", name=f"Delivery {new.id}")).to_be_visible()
+    shot(detail, "22-redirected-pg")
+    detail.close()
 
     # ---- sign out in the first tab: every tab is out, the cookie opens nothing
     first.get_by_role("button", name="Sign out").click()
