@@ -144,17 +144,13 @@ def schedule_delivery(
         )
         session.flush()  # the letter row first: deliveries reference it
         session.add(
-            Delivery(
+            Delivery.scheduled(
                 id=delivery_id,
                 letter_id=letter_id,
                 user_id=user_id,
                 recipient_email=address,
-                status=Status.SCHEDULED,
                 deliver_at=deliver_at,
-                next_attempt_at=deliver_at,
-                idempotency_key=uuid.uuid4().hex,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
         )
         session.flush()

@@ -189,17 +189,13 @@ def _write_scheduled(
         )
     )
     session.flush()  # letters before the deliveries that reference them
-    delivery = Delivery(
+    delivery = Delivery.scheduled(
         id=delivery_id,
         letter_id=letter_id,
         user_id=user.id,
         recipient_email=user.email,
-        status=Status.SCHEDULED,
         deliver_at=due,
-        next_attempt_at=due,
-        idempotency_key=uuid.uuid4().hex,
-        created_at=created,
-        updated_at=created,
+        now=created,
     )
     session.add(delivery)
     session.flush()

@@ -279,6 +279,31 @@ class Delivery(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
+    @classmethod
+    def scheduled(
+        cls,
+        *,
+        id: uuid.UUID,
+        letter_id: uuid.UUID,
+        user_id: int,
+        recipient_email: str,
+        deliver_at: datetime,
+        now: datetime,
+    ) -> Delivery:
+        """A new delivery of a letter, scheduled for `deliver_at`, with its own idempotency key."""
+        return cls(
+            id=id,
+            letter_id=letter_id,
+            user_id=user_id,
+            recipient_email=recipient_email,
+            status=Status.SCHEDULED,
+            deliver_at=deliver_at,
+            next_attempt_at=deliver_at,
+            idempotency_key=uuid.uuid4().hex,
+            created_at=now,
+            updated_at=now,
+        )
+
 
 class DeliveryAttempt(Base):
     """One row per provider call."""

@@ -45,17 +45,18 @@ class Redirected:
     task_id: str | None  # None: the broker was down; the dispatcher queues it
 
 
-def _redirectable(row: Delivery) -> bool:
-    return row.status == Status.FAILED or (
-        row.status == Status.BOUNCED and row.bounce_kind == BounceKind.HARD
-    )
+def _hard_bounced(status: str, bounce_kind: str | None) -> bool:
+    return status == Status.BOUNCED and bounce_kind == BounceKind.HARD
+
+
+def redirectable(status: str, bounce_kind: str | None) -> bool:
+    """Whether a delivery in this state may be redirected (the console asks before it offers)."""
+    return status == Status.FAILED or _hard_bounced(status, bounce_kind)
 
 
 def _spent(row: Delivery) -> bool:
     """A sibling that can no longer reach anyone."""
-    return row.status == Status.CANCELED or (
-        row.status == Status.BOUNCED and row.bounce_kind == BounceKind.HARD
-    )
+    return row.status == Status.CANCELED or _hard_bounced(row.status, row.bounce_kind)
 
 
 def redirect_delivery(
@@ -74,7 +75,7 @@ def redirect_delivery(
     new_id = uuid.uuid4()
     with session_scope(deps.session_factory) as session:
         row = _load(session, delivery_id)
-        if not _redirectable(row):
+        if not redirectable(row.status, row.bounce_kind):
             shown = f"{row.status} ({row.bounce_kind})" if row.bounce_kind else row.status
             raise InvalidTransition(row.id, shown, "redirect")
         if address.lower() == row.recipient_email.lower():  # as the suppression list compares
@@ -113,17 +114,13 @@ def redirect_delivery(
         else:  # the bounced row keeps its status; the version makes a racing redirect fail
             _transition(session, row, "redirect", {Status.BOUNCED}, now)
         session.add(
-            Delivery(
+            Delivery.scheduled(
                 id=new_id,
                 letter_id=row.letter_id,
                 user_id=row.user_id,
                 recipient_email=address,
-                status=Status.SCHEDULED,
                 deliver_at=now,
-                next_attempt_at=now,
-                idempotency_key=uuid.uuid4().hex,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
         )
         session.flush()

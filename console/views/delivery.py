@@ -16,6 +16,7 @@ from core.errors import CapsuleError
 from core.operators import Operator, Role
 from core.policy import utcnow
 from core.queries.delivery import DeliveryDetail
+from core.redirect import redirectable
 
 DETAIL_KEY = "_detail_id"
 LINKED_KEY = "_detail_linked"
@@ -123,7 +124,7 @@ def _redirect(operator: Operator, d: DeliveryDetail) -> None:
     gave (core.redirect). The new delivery opens here afterwards."""
     if not operator.can(Role.SUPPORT):
         return
-    if not (d.status == "failed" or (d.status == "bounced" and d.bounce_kind == "hard")):
+    if not redirectable(d.status, d.bounce_kind):
         return
     with st.expander("Send to a corrected address", icon=":material/alternate_email:"):
         st.caption(

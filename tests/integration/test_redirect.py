@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +14,8 @@ from sqlalchemy import func, or_, select
 
 from benchmarks.fakes.provider_server import FakeProviderServer
 from core import credits, triage
-from core.bootstrap import App, build_app
-from core.db import make_engine, session_scope
+from core.bootstrap import App
+from core.db import session_scope
 from core.deliveries import schedule_delivery
 from core.errors import (
     InsufficientCredit,
@@ -33,26 +31,12 @@ from core.redirect import redirect_delivery
 from core.webhooks import add_suppression
 from core.worker import run_delivery
 from tests.conftest import RecordingEnqueuer, set_row
+from tests.integration import test_worker
 from tests.integration.test_transitions import events, row
-from tests.integration.test_worker import due_now, provider_settings
+from tests.integration.test_worker import due_now
 
 NEW = "new-address@example.com"
-
-
-@pytest.fixture
-def world(
-    provider_server: FakeProviderServer,
-    tmp_path: Path,
-    database_url: str,
-    keyring: Any,
-    enqueuer: RecordingEnqueuer,
-) -> Iterator[App]:
-    settings = provider_settings(provider_server, tmp_path, database_url)
-    engine = make_engine(settings)
-    app = build_app(settings, enqueuer, engine=engine, keyring=keyring)
-    yield app
-    app.chain.close()
-    engine.dispose()
+world = test_worker.world  # the fixture: an App on the fake Resend and Postmark
 
 
 def balance(app: App, delivery_id: uuid.UUID) -> int:
